@@ -1,0 +1,400 @@
+//! The handle table: every live OS notification handle, and the teardown that cancels them.
+//!
+//! A driver keeps one table (typically a `static`, since [`HandleTable::new`] is `const`) and
+//! creates its watchers from it. At unload, [`HandleTable::teardown`] cancels every
+//! registration still live, including those of watchers that were leaked with
+//! `mem::forget`, so no callback can run into an unloaded image.
+//!
+//! # States of an entry
+//!
+//! `Free -> Reserved` (before `NotifyTeredoPortChange`) `-> Live(handle)` (after it) `->
+//! Cancelling` (whoever takes the handle under the lock cancels it: no double cancel) `->`
+//! `Free` (the watcher's own cancel) or `Cancelled` (the teardown's, until the watcher is
+//! dropped). A failed cancel puts the handle back to `Live`, so it can be retried.
+
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use crate::error::Error;
+use crate::event::TeredoPort;
+use crate::irql::{self, IrqlBound};
+use crate::kernel::{Kernel, SpinLock};
+use crate::registry::{Registry, trampoline};
+use crate::source::{PortSource, RawHandle};
+
+/// The most registrations one table holds.
+pub const MAX_REGISTRATIONS: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EntryState {
+    Free,
+    Reserved,
+    Live(RawHandle),
+    Cancelling,
+    Cancelled,
+}
+
+/// The registry a registration delivers to, for the self-cancel check in teardown.
+struct RegistryPtr<K: Kernel>(NonNull<Registry<K>>);
+
+// SAFETY: `Registry<K>` is `Sync`; the pointer is only dereferenced (shared) under the table
+// lock while its entry is `Live` or `Reserved`, during which the watcher keeps it alive.
+unsafe impl<K: Kernel> Send for RegistryPtr<K> {}
+
+struct Entry<K: Kernel> {
+    state: EntryState,
+    tag: u32,
+    registry: Option<RegistryPtr<K>>,
+}
+
+struct Inner<K: Kernel> {
+    entries: Vec<Entry<K>>,
+    closed: bool,
+}
+
+/// Identifies one entry of a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct EntryId {
+    index: usize,
+    tag: u32,
+}
+
+/// What [`HandleTable::teardown`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub struct TeardownReport {
+    /// Registrations cancelled by this teardown.
+    pub cancelled: usize,
+    /// Cancels that failed (their handles stay in the table, `Live`).
+    pub failed: usize,
+    /// Registrations skipped because the teardown ran inside their own callback.
+    pub skipped_in_callback: usize,
+    /// The first failure, with its raw status.
+    pub first_error: Option<Error>,
+}
+
+impl TeardownReport {
+    /// Whether every registration was cancelled.
+    #[must_use]
+    pub fn is_clean(&self) -> bool {
+        self.failed == 0 && self.skipped_in_callback == 0
+    }
+}
+
+/// The table of live OS notification handles, and the port source they come from.
+///
+/// # IRQL
+///
+/// See each method. The table's spin lock is only held for bookkeeping, never across a
+/// netio call.
+pub struct HandleTable<S: PortSource> {
+    source: S,
+    inner: SpinLock<S::Kernel, Inner<S::Kernel>>,
+}
+
+impl<S: PortSource> HandleTable<S> {
+    /// An empty table over `source`. `const`, so a driver can keep it in a `static`.
+    #[cfg(not(loom))]
+    #[must_use]
+    pub const fn new(source: S) -> Self {
+        HandleTable {
+            source,
+            inner: SpinLock::new(Inner {
+                entries: Vec::new(),
+                closed: false,
+            }),
+        }
+    }
+
+    /// An empty table over `source`.
+    #[cfg(loom)]
+    #[must_use]
+    pub fn new(source: S) -> Self {
+        HandleTable {
+            source,
+            inner: SpinLock::new(Inner {
+                entries: Vec::new(),
+                closed: false,
+            }),
+        }
+    }
+
+    /// The port source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// `GetTeredoPort`: the port the Teredo client uses now, or `None` if it reported zero.
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TeredoNotStarted`] when the client is not started, [`Error::NoIpv6Stack`]
+    /// without IPv6, [`Error::IrqlTooHigh`], or any other netio status.
+    pub fn query_port(&self) -> Result<Option<TeredoPort>, Error> {
+        irql::check::<S::Kernel>("GetTeredoPort", IrqlBound::BelowDispatch)?;
+        Ok(TeredoPort::new(self.source.teredo_port()?))
+    }
+
+    /// How many registrations are live or being set up or cancelled.
+    ///
+    /// # IRQL
+    ///
+    /// `<= DISPATCH_LEVEL`.
+    pub fn live_registrations(&self) -> usize {
+        self.inner
+            .lock()
+            .entries
+            .iter()
+            .filter(|e| !matches!(e.state, EntryState::Free | EntryState::Cancelled))
+            .count()
+    }
+
+    /// Whether [`teardown`](Self::teardown) has run.
+    ///
+    /// # IRQL
+    ///
+    /// `<= DISPATCH_LEVEL`.
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed
+    }
+
+    /// Closes the table to new registrations and cancels every live one with
+    /// `CancelMibChangeNotify2`, waiting for registrations in progress to finish first.
+    /// Call it from `DriverUnload`, after dropping the watchers you still hold.
+    ///
+    /// Watchers still alive afterwards stay valid: their callbacks no longer run,
+    /// [`current_port`](crate::TeredoPortWatcher::current_port) keeps the last port, and
+    /// dropping them frees their memory without cancelling twice.
+    ///
+    /// # IRQL
+    ///
+    /// `PASSIVE_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::IrqlTooHigh`] (nothing done). Cancel failures are in the report.
+    pub fn teardown(&self) -> Result<TeardownReport, Error> {
+        irql::check::<S::Kernel>("HandleTable::teardown", IrqlBound::Passive)?;
+        let mut report = TeardownReport::default();
+        self.inner.lock().closed = true;
+        // Registrations in progress finish (their `notify` returns) before we look.
+        while self
+            .inner
+            .lock()
+            .entries
+            .iter()
+            .any(|e| e.state == EntryState::Reserved)
+        {
+            <S::Kernel as Kernel>::relax();
+        }
+        let mut index = 0;
+        loop {
+            let handle = {
+                let mut inner = self.inner.lock();
+                let Some(entry) = inner.entries.get_mut(index) else {
+                    break;
+                };
+                index += 1;
+                let EntryState::Live(handle) = entry.state else {
+                    continue;
+                };
+                let in_callback = entry.registry.as_ref().is_some_and(|r| {
+                    // SAFETY: the entry is Live, so its watcher has not freed the registry
+                    // (it frees only after moving the entry out of Live under this lock).
+                    unsafe { r.0.as_ref() }.delivering_on_current_thread()
+                });
+                if in_callback {
+                    report.skipped_in_callback += 1;
+                    report.first_error.get_or_insert(Error::CancelFromCallback);
+                    continue;
+                }
+                entry.state = EntryState::Cancelling;
+                handle
+            };
+            // SAFETY: we moved the entry from Live to Cancelling under the lock, so nobody
+            // else cancels this handle; it came from `notify` on this source; we are not in
+            // its callback (checked above).
+            let result = unsafe { self.source.cancel(handle) };
+            let mut inner = self.inner.lock();
+            let entry = &mut inner.entries[index - 1];
+            match result {
+                Ok(()) => {
+                    entry.state = EntryState::Cancelled;
+                    report.cancelled += 1;
+                }
+                Err(e) => {
+                    entry.state = EntryState::Live(handle);
+                    report.failed += 1;
+                    report.first_error.get_or_insert(e);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Registers `registry` with the OS, recording the handle.
+    ///
+    /// On error, the second value says whether the OS may still use `registry` (a success
+    /// status with a NULL handle): then it must be leaked.
+    ///
+    /// # Safety
+    ///
+    /// `registry` stays valid until [`release`](Self::release) of the returned entry returns
+    /// `Ok` (or forever). The caller is at `< DISPATCH_LEVEL`.
+    pub(crate) unsafe fn register(
+        &self,
+        registry: NonNull<Registry<S::Kernel>>,
+        initial_notification: bool,
+    ) -> Result<EntryId, (Error, bool)> {
+        let id = self.reserve(registry).map_err(|e| (e, false))?;
+        // SAFETY: `trampoline::<K>` reads `context` as a `Registry<K>`, which the caller keeps
+        // valid until a cancel of this registration succeeds (this function's contract).
+        let result = unsafe {
+            self.source.notify(
+                trampoline::<S::Kernel>,
+                registry.as_ptr().cast(),
+                initial_notification,
+            )
+        };
+        let mut inner = self.inner.lock();
+        let entry = &mut inner.entries[id.index];
+        match result {
+            Ok(handle) => {
+                entry.state = EntryState::Live(handle);
+                Ok(id)
+            }
+            Err(e) => {
+                entry.state = EntryState::Free;
+                entry.registry = None;
+                entry.tag = entry.tag.wrapping_add(1);
+                let maybe_live = e.status().is_some_and(|s| s.0 == 0);
+                Err((e, maybe_live))
+            }
+        }
+    }
+
+    fn reserve(&self, registry: NonNull<Registry<S::Kernel>>) -> Result<EntryId, Error> {
+        loop {
+            let capacity = {
+                let mut inner = self.inner.lock();
+                if inner.closed {
+                    return Err(Error::HandleTableClosed);
+                }
+                if let Some(index) = inner
+                    .entries
+                    .iter()
+                    .position(|e| e.state == EntryState::Free)
+                {
+                    let entry = &mut inner.entries[index];
+                    entry.state = EntryState::Reserved;
+                    entry.registry = Some(RegistryPtr(registry));
+                    return Ok(EntryId {
+                        index,
+                        tag: entry.tag,
+                    });
+                }
+                if inner.entries.len() < inner.entries.capacity() {
+                    inner.entries.push(Entry {
+                        state: EntryState::Reserved,
+                        tag: 0,
+                        registry: Some(RegistryPtr(registry)),
+                    });
+                    return Ok(EntryId {
+                        index: inner.entries.len() - 1,
+                        tag: 0,
+                    });
+                }
+                inner.entries.capacity()
+            };
+            if capacity >= MAX_REGISTRATIONS {
+                return Err(Error::HandleTableFull {
+                    capacity: MAX_REGISTRATIONS,
+                });
+            }
+            // Grow outside the lock (an allocation must not run at DISPATCH_LEVEL under a
+            // spin lock), fallibly, then swap the buffers in if nobody grew it meanwhile.
+            let wanted = (capacity * 2).clamp(4, MAX_REGISTRATIONS);
+            let mut bigger = Vec::new();
+            bigger
+                .try_reserve_exact(wanted)
+                .map_err(|_| Error::AllocationFailed {
+                    bytes: wanted * core::mem::size_of::<Entry<S::Kernel>>(),
+                })?;
+            let mut inner = self.inner.lock();
+            if inner.entries.capacity() == capacity {
+                // Fits without reallocating: `wanted > capacity >= len`.
+                bigger.append(&mut inner.entries);
+                core::mem::swap(&mut inner.entries, &mut bigger);
+            }
+            drop(inner);
+            // The old (or unused) buffer is freed here, outside the lock.
+            drop(bigger);
+        }
+    }
+
+    /// Cancels the registration of `id` unless the teardown already did, waiting for a
+    /// teardown cancel in progress. `Ok` means the OS no longer uses the registry.
+    ///
+    /// IRQL: `PASSIVE_LEVEL` (checked by the caller), not inside the registration's callback.
+    pub(crate) fn release(&self, id: EntryId) -> Result<(), Error> {
+        loop {
+            let handle = {
+                let mut inner = self.inner.lock();
+                let entry = &mut inner.entries[id.index];
+                debug_assert_eq!(entry.tag, id.tag);
+                match entry.state {
+                    EntryState::Live(handle) => {
+                        entry.state = EntryState::Cancelling;
+                        handle
+                    }
+                    EntryState::Cancelled => {
+                        entry.state = EntryState::Free;
+                        entry.registry = None;
+                        entry.tag = entry.tag.wrapping_add(1);
+                        return Ok(());
+                    }
+                    EntryState::Cancelling => {
+                        drop(inner);
+                        <S::Kernel as Kernel>::relax();
+                        continue;
+                    }
+                    EntryState::Free | EntryState::Reserved => {
+                        debug_assert!(false, "release of an entry that is not registered");
+                        return Err(Error::HandleTableClosed);
+                    }
+                }
+            };
+            // SAFETY: we moved the entry from Live to Cancelling under the lock, so this is
+            // the only cancel of the handle; it came from `notify` on this source; the caller
+            // checked it is not inside the registration's callback.
+            let result = unsafe { self.source.cancel(handle) };
+            let mut inner = self.inner.lock();
+            let entry = &mut inner.entries[id.index];
+            return match result {
+                Ok(()) => {
+                    entry.state = EntryState::Free;
+                    entry.registry = None;
+                    entry.tag = entry.tag.wrapping_add(1);
+                    Ok(())
+                }
+                Err(e) => {
+                    // Still registered: leave it for a retry or for the teardown.
+                    entry.state = EntryState::Live(handle);
+                    Err(e)
+                }
+            };
+        }
+    }
+}
+
+impl<S: PortSource> core::fmt::Debug for HandleTable<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HandleTable")
+            .field("live_registrations", &self.live_registrations())
+            .finish_non_exhaustive()
+    }
+}

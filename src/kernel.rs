@@ -1,0 +1,170 @@
+//! The kernel primitives the library runs on, and the spin lock built on them.
+//!
+//! One `unsafe trait` ([`Kernel`]) with a written contract lets the same registry, handle
+//! table and watcher run on the Windows kernel ([`crate::nt::NtKernel`]) and on the host mock
+//! (`mock::MockKernel`), the way Rust-for-Linux's lock `Backend` does.
+
+use core::marker::PhantomData;
+use core::ops::{Deref, DerefMut};
+
+use crate::irql::{Irql, IrqlBound};
+use crate::sync::UnsafeCell;
+
+/// An opaque identity of the current thread, never zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ThreadToken(pub(crate) usize);
+
+impl ThreadToken {
+    /// Wraps a thread identity; `raw` must differ between live threads and must not be zero.
+    #[must_use]
+    pub const fn from_raw(raw: usize) -> Self {
+        ThreadToken(raw)
+    }
+    /// The raw identity.
+    #[must_use]
+    pub const fn raw(self) -> usize {
+        self.0
+    }
+}
+
+/// The kernel services the library needs: IRQL, spin locks, thread identity, a wait step.
+///
+/// # Safety
+///
+/// An implementation guarantees that:
+/// - [`acquire`](Kernel::acquire) and [`release`](Kernel::release) on the same lock give mutual
+///   exclusion between threads, with acquire ordering on `acquire` and release ordering on
+///   `release`; `acquire` raises the current IRQL to `DISPATCH_LEVEL` and returns the previous
+///   one, and `release` restores the IRQL it is given;
+/// - [`current_irql`](Kernel::current_irql) reports the IRQL of the calling thread, including
+///   raises made by `acquire`;
+/// - [`current_thread`](Kernel::current_thread) returns a value that no other live thread
+///   returns at the same time, and never zero.
+pub unsafe trait Kernel: Send + Sync + 'static {
+    /// Storage of one spin lock (`KSPIN_LOCK` in the kernel).
+    type RawSpinLock: Send + Sync;
+
+    /// A new, released lock.
+    #[cfg(not(loom))]
+    const UNLOCKED: Self::RawSpinLock;
+
+    /// A new, released lock (loom's atomics cannot be built in a `const`).
+    #[cfg(loom)]
+    fn new_lock() -> Self::RawSpinLock;
+
+    /// The IRQL of the calling thread.
+    fn current_irql() -> Irql;
+
+    /// The identity of the calling thread.
+    fn current_thread() -> ThreadToken;
+
+    /// Raises to `DISPATCH_LEVEL` and acquires `lock`, returning the previous IRQL.
+    ///
+    /// # Safety
+    ///
+    /// The caller runs at `<= DISPATCH_LEVEL` and does not already hold `lock`.
+    unsafe fn acquire(lock: &Self::RawSpinLock) -> Irql;
+
+    /// Releases `lock` and lowers the IRQL to `previous`.
+    ///
+    /// # Safety
+    ///
+    /// The calling thread holds `lock`, and `previous` is what the matching `acquire` returned.
+    unsafe fn release(lock: &Self::RawSpinLock, previous: Irql);
+
+    /// One step of a wait loop at `< DISPATCH_LEVEL`: yields the processor.
+    fn relax();
+
+    /// Called when an entry point runs above the IRQL it documents, before the error is
+    /// returned. The kernel backend makes it a debug assertion; the mock can record it.
+    fn irql_violation(operation: &'static str, current: Irql, required: IrqlBound);
+}
+
+/// A spin lock protecting a `T`, on the kernel backend `K`.
+///
+/// # IRQL
+///
+/// [`lock`](SpinLock::lock) may be called at `<= DISPATCH_LEVEL`; it raises to
+/// `DISPATCH_LEVEL` until the guard drops. Nothing that may wait, touch paged memory or run
+/// user code is ever done while a guard is held in this crate.
+pub(crate) struct SpinLock<K: Kernel, T> {
+    raw: K::RawSpinLock,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the lock hands out access to `T` to one thread at a time (the `Kernel` contract),
+// so sharing the lock is sharing a `T` that moves between threads: `T: Send` is enough.
+unsafe impl<K: Kernel, T: Send> Sync for SpinLock<K, T> {}
+// SAFETY: moving the lock moves the `T`; `K::RawSpinLock: Send` by the trait bound.
+unsafe impl<K: Kernel, T: Send> Send for SpinLock<K, T> {}
+
+impl<K: Kernel, T> SpinLock<K, T> {
+    #[cfg(not(loom))]
+    pub(crate) const fn new(value: T) -> Self {
+        SpinLock {
+            raw: K::UNLOCKED,
+            data: UnsafeCell::new(value),
+        }
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn new(value: T) -> Self {
+        SpinLock {
+            raw: K::new_lock(),
+            data: UnsafeCell::new(value),
+        }
+    }
+
+    /// Acquires the lock. The caller must be at `<= DISPATCH_LEVEL` (checked by each caller
+    /// in this crate before it gets here).
+    pub(crate) fn lock(&self) -> SpinLockGuard<'_, K, T> {
+        debug_assert!(K::current_irql() <= Irql::DISPATCH_LEVEL);
+        // SAFETY: every caller in this crate checks `<= DISPATCH_LEVEL` first, and no code
+        // path acquires a lock it already holds (guards are never held across calls that
+        // could come back into the same lock: no user code runs under a guard).
+        let previous = unsafe { K::acquire(&self.raw) };
+        // INVARIANT: the lock is held until the guard is dropped.
+        SpinLockGuard {
+            lock: self,
+            previous,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+/// Holds a [`SpinLock`]; releases it (and restores the IRQL) on drop.
+///
+/// # Invariants
+///
+/// The current thread holds `lock.raw`, acquired by a call that returned `previous`.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub(crate) struct SpinLockGuard<'a, K: Kernel, T> {
+    lock: &'a SpinLock<K, T>,
+    previous: Irql,
+    // A spin lock must be released on the processor (thread) that acquired it.
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<K: Kernel, T> Deref for SpinLockGuard<'_, K, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: by the type invariant the lock is held, so no other reference to the data
+        // is live; the reference is bounded by the guard's borrow.
+        self.lock.data.with(|p| unsafe { &*p })
+    }
+}
+
+impl<K: Kernel, T> DerefMut for SpinLockGuard<'_, K, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only access through the guard.
+        self.lock.data.with_mut(|p| unsafe { &mut *p })
+    }
+}
+
+impl<K: Kernel, T> Drop for SpinLockGuard<'_, K, T> {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant this thread holds the lock and `previous` came from
+        // the matching acquire.
+        unsafe { K::release(&self.lock.raw, self.previous) };
+    }
+}

@@ -1,0 +1,74 @@
+//! # teredo-watcher
+//!
+//! Safe, `no_std` access to the Windows kernel's Teredo port notification API
+//! (`NotifyTeredoPortChange`, `GetTeredoPort`, `CancelMibChangeNotify2` from `netio.sys`)
+//! for kernel-mode drivers, firewall drivers first.
+//!
+//! - [`TeredoPortWatcher`]: one OS registration, RAII, many subscribers, a lock-free
+//!   [`current_port`](TeredoPortWatcher::current_port) for classify functions.
+//! - [`HandleTable`]: every live notification handle; its teardown cancels what is left at
+//!   driver unload.
+//! - [`PortSource`]: the netio calls behind a trait, implemented by the real netio layer
+//!   (`NetioPortSource`, Windows targets) and by a host mock (`mock`, feature `mock`).
+//! - [`Kernel`]: IRQL, spin lock and thread identity, implemented by ntoskrnl (`NtKernel`) and
+//!   by a host mock with a per-thread IRQL.
+//!
+//! ```
+//! # #[cfg(feature = "mock")] {
+//! use teredo_watcher::{HandleTable, TeredoPortWatcher, WatcherOptions, TeredoEvent};
+//! use teredo_watcher::mock::MockNetio;
+//!
+//! let netio = MockNetio::new();
+//! netio.client().start();
+//! let table = HandleTable::new(netio.clone());
+//! let watcher = TeredoPortWatcher::new(&table, WatcherOptions::default())?;
+//! watcher.subscribe(|event: TeredoEvent| { let _ = event.port(); })?;
+//! let before = watcher.current_port();
+//! netio.client().restart();
+//! netio.wait_idle();
+//! assert_ne!(watcher.current_port(), before);
+//! watcher.unregister()?;
+//! assert!(table.teardown()?.is_clean());
+//! # }
+//! # Ok::<(), teredo_watcher::Error>(())
+//! ```
+#![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+#[cfg(any(test, feature = "mock"))]
+extern crate std;
+
+mod error;
+mod event;
+mod handle_table;
+mod irql;
+mod kernel;
+mod registry;
+mod source;
+mod sync;
+pub mod sys;
+mod teredo;
+mod watcher;
+
+#[cfg(windows)]
+pub mod nt;
+
+#[cfg(any(test, feature = "mock"))]
+pub mod mock;
+
+pub use error::{Error, NetioCall, NetioStatus};
+pub use event::{MibNotificationType, TeredoEvent, TeredoPort};
+pub use handle_table::{HandleTable, MAX_REGISTRATIONS, TeardownReport};
+pub use irql::{Irql, IrqlBound};
+pub use kernel::{Kernel, ThreadToken};
+pub use registry::{RegistryStats, SubscriberId};
+pub use source::{PortSource, RawHandle};
+pub use teredo::{TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT, TeredoExceptions};
+pub use watcher::{TeredoPortWatcher, WatcherOptions};
+
+/// The watcher over the real netio layer.
+#[cfg(windows)]
+pub type NetioWatcher<'t> = TeredoPortWatcher<'t, nt::NetioPortSource>;

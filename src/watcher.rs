@@ -1,0 +1,363 @@
+//! The safe watcher: one OS registration, many subscribers, a lock-free current port.
+
+use alloc::boxed::Box;
+use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
+use core::ptr::NonNull;
+
+use crate::error::Error;
+use crate::event::{TeredoEvent, TeredoPort};
+use crate::handle_table::{EntryId, HandleTable};
+use crate::irql::{self, IrqlBound};
+use crate::registry::{Registry, RegistryStats, SubscriberId};
+use crate::source::PortSource;
+use crate::teredo::TeredoExceptions;
+
+/// How a watcher registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatcherOptions {
+    /// Ask the OS for the initial notification (`InitialNotification = TRUE`): subscribers
+    /// installed at creation receive [`TeredoEvent::Initial`] once registration completes.
+    pub initial_notification: bool,
+    /// Capacity of the subscriber table, allocated once at creation.
+    pub max_subscribers: usize,
+    /// After registering, read the port with `GetTeredoPort` so that
+    /// [`current_port`](TeredoPortWatcher::current_port) is known before the first change.
+    /// A failure (client not started, no IPv6) leaves it `None`.
+    pub seed_current_port: bool,
+}
+
+impl Default for WatcherOptions {
+    fn default() -> Self {
+        WatcherOptions {
+            initial_notification: true,
+            max_subscribers: 16,
+            seed_current_port: true,
+        }
+    }
+}
+
+/// A registration for Teredo port changes (`NotifyTeredoPortChange`), its subscribers, and
+/// the last known port.
+///
+/// - The context handed to the OS (the registry) is allocated and fully built, first
+///   subscriber included, before the registration call: the initial notification may arrive
+///   before `NotifyTeredoPortChange` returns.
+/// - Dropping the watcher cancels the registration (`CancelMibChangeNotify2`, which waits
+///   for a callback in flight), then frees the context. [`unregister`](Self::unregister)
+///   does the same and returns the status.
+/// - Whenever a cancel cannot be done or fails, the context is leaked, never freed while
+///   the OS may use it; the handle stays in the [`HandleTable`], whose teardown cancels it.
+///   `mem::forget` on a watcher leaks in the same way. Nothing ever dangles.
+///
+/// # Cancelling from inside a callback
+///
+/// `CancelMibChangeNotify2` from the thread running the same registration's callback
+/// deadlocks. The watcher detects it: [`unregister`](Self::unregister) returns
+/// [`Error::CancelFromCallback`] without cancelling (the registration is leaked to the handle
+/// table), and so does `Drop` (silently). Unsubscribing from inside a callback is fine.
+///
+/// # IRQL
+///
+/// | method | IRQL |
+/// |---|---|
+/// | [`new`](Self::new), [`with_subscriber`](Self::with_subscriber) | `< DISPATCH_LEVEL` |
+/// | [`current_port`](Self::current_port), [`exceptions`](Self::exceptions), [`stats`](Self::stats) | `<= DISPATCH_LEVEL` |
+/// | [`query_port`](Self::query_port), [`subscribe`](Self::subscribe), [`subscribe_with_snapshot`](Self::subscribe_with_snapshot) | `< DISPATCH_LEVEL` |
+/// | [`unsubscribe`](Self::unsubscribe) | `< DISPATCH_LEVEL`; `<= DISPATCH_LEVEL` inside a callback |
+/// | [`unregister`](Self::unregister), `Drop` | `PASSIVE_LEVEL` |
+///
+/// Subscribers run at the IRQL of the OS callback (`<= DISPATCH_LEVEL`), or for a
+/// snapshot at the subscribing thread's. Write them for `DISPATCH_LEVEL`.
+///
+/// # Invariants
+///
+/// `registry` is a `Box<Registry<K>>` turned into a raw pointer, registered with the OS as
+/// the `entry` of `table`; it is freed only after `table.release(entry)` returned `Ok`.
+#[must_use = "dropping the watcher cancels the registration"]
+pub struct TeredoPortWatcher<'t, S: PortSource> {
+    table: &'t HandleTable<S>,
+    entry: EntryId,
+    registry: NonNull<Registry<S::Kernel>>,
+    _owns: PhantomData<Registry<S::Kernel>>,
+}
+
+// SAFETY: the watcher shares `&HandleTable<S>` (Sync when `S: Sync`, a supertrait of
+// `PortSource`) and owns a `Registry`, which is `Send + Sync`.
+unsafe impl<S: PortSource> Send for TeredoPortWatcher<'_, S> {}
+// SAFETY: every `&self` method is safe to call concurrently (atomics and the spin lock).
+unsafe impl<S: PortSource> Sync for TeredoPortWatcher<'_, S> {}
+
+/// Allocates `value` on the heap, returning an error instead of aborting.
+fn try_box<T>(value: T) -> Result<Box<T>, Error> {
+    let layout = alloc::alloc::Layout::new::<T>();
+    if layout.size() == 0 {
+        return Ok(Box::new(value));
+    }
+    // SAFETY: the layout has a non-zero size.
+    let raw = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
+    if raw.is_null() {
+        return Err(Error::AllocationFailed {
+            bytes: layout.size(),
+        });
+    }
+    // SAFETY: `raw` is a fresh allocation of `Layout::new::<T>()`, valid for writes.
+    unsafe { raw.write(value) };
+    // SAFETY: allocated with the global allocator and the layout of `T`, and initialized:
+    // exactly what `Box::from_raw` requires.
+    Ok(unsafe { Box::from_raw(raw) })
+}
+
+impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
+    /// Registers for Teredo port changes.
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// The status of `NotifyTeredoPortChange`, [`Error::IrqlTooHigh`],
+    /// [`Error::AllocationFailed`], [`Error::HandleTableFull`] or
+    /// [`Error::HandleTableClosed`]. Nothing is left registered or allocated.
+    pub fn new(table: &'t HandleTable<S>, options: WatcherOptions) -> Result<Self, Error> {
+        Self::create(table, options, None::<fn(TeredoEvent)>).map(|(w, _)| w)
+    }
+
+    /// Registers with `subscriber` installed before the registration call, so it receives
+    /// the initial notification and every change.
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new), plus [`Error::SubscriberTableFull`] for a zero capacity.
+    pub fn with_subscriber<F>(
+        table: &'t HandleTable<S>,
+        options: WatcherOptions,
+        subscriber: F,
+    ) -> Result<(Self, SubscriberId), Error>
+    where
+        F: FnMut(TeredoEvent) + Send + 'static,
+    {
+        match Self::create(table, options, Some(subscriber))? {
+            (watcher, Some(id)) => Ok((watcher, id)),
+            // `create` always installs a given subscriber; kept total rather than panicking.
+            (_, None) => Err(Error::UnknownSubscriber),
+        }
+    }
+
+    fn create<F>(
+        table: &'t HandleTable<S>,
+        options: WatcherOptions,
+        first: Option<F>,
+    ) -> Result<(Self, Option<SubscriberId>), Error>
+    where
+        F: FnMut(TeredoEvent) + Send + 'static,
+    {
+        irql::check::<S::Kernel>("TeredoPortWatcher::new", IrqlBound::BelowDispatch)?;
+        let registry = Registry::<S::Kernel>::new(options.max_subscribers)?;
+        let first_id = match first {
+            Some(f) => Some(registry.subscribe(f, false)?),
+            None => None,
+        };
+        let registry = NonNull::from(Box::leak(try_box(registry)?));
+        // SAFETY: the registry is freed below only if registration failed without leaving it
+        // in use, and otherwise only after `release` returns Ok (type invariant); we are at
+        // < DISPATCH_LEVEL (checked above).
+        match unsafe { table.register(registry, options.initial_notification) } {
+            Ok(entry) => {
+                // INVARIANT: the registry is registered as `entry` and owned by the watcher.
+                let watcher = TeredoPortWatcher {
+                    table,
+                    entry,
+                    registry,
+                    _owns: PhantomData,
+                };
+                if options.seed_current_port {
+                    watcher.seed();
+                }
+                Ok((watcher, first_id))
+            }
+            Err((error, maybe_in_use)) => {
+                if !maybe_in_use {
+                    // SAFETY: the OS refused the registration, so nothing else refers to
+                    // the registry; it came from `Box::leak` above.
+                    drop(unsafe { Box::from_raw(registry.as_ptr()) });
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn registry(&self) -> &Registry<S::Kernel> {
+        // SAFETY: by the type invariant the registry lives as long as the watcher.
+        unsafe { self.registry.as_ref() }
+    }
+
+    fn seed(&self) {
+        let before = self.registry().snapshot_state();
+        if let Ok(port) = self.table.source().teredo_port() {
+            // Refused if a notification arrived meanwhile: it carries a newer port.
+            let _ = self.registry().seed(before, TeredoPort::new(port));
+        }
+    }
+
+    /// The last known Teredo port: from the last notification, or from `GetTeredoPort` at
+    /// creation. One atomic load; no lock, no allocation. `None` when the client is not known
+    /// to run.
+    ///
+    /// # IRQL
+    ///
+    /// `<= DISPATCH_LEVEL` (a WFP classify function may call it for every packet). Not
+    /// checked in release builds: an atomic load of non-paged memory is valid at any IRQL,
+    /// and the check would cost more than the load. The watcher must live in non-paged
+    /// memory, as every allocation of a kernel global allocator such as `wdk-alloc` does.
+    #[inline]
+    #[must_use]
+    pub fn current_port(&self) -> Option<TeredoPort> {
+        #[cfg(debug_assertions)]
+        let _ = irql::check::<S::Kernel>(
+            "TeredoPortWatcher::current_port",
+            IrqlBound::AtMostDispatch,
+        );
+        self.registry().current_port()
+    }
+
+    /// The firewall exceptions for Teredo right now (see [`TeredoExceptions`]).
+    ///
+    /// # IRQL
+    ///
+    /// `<= DISPATCH_LEVEL`.
+    #[inline]
+    #[must_use]
+    pub fn exceptions(&self) -> TeredoExceptions {
+        TeredoExceptions::for_port(self.current_port())
+    }
+
+    /// `GetTeredoPort`: asks netio for the port now.
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// See [`HandleTable::query_port`].
+    pub fn query_port(&self) -> Result<Option<TeredoPort>, Error> {
+        self.table.query_port()
+    }
+
+    /// Adds a subscriber, called for every notification from now on, in OS order, never
+    /// twice at once.
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SubscriberTableFull`], [`Error::AllocationFailed`], [`Error::IrqlTooHigh`].
+    pub fn subscribe<F>(&self, subscriber: F) -> Result<SubscriberId, Error>
+    where
+        F: FnMut(TeredoEvent) + Send + 'static,
+    {
+        irql::check::<S::Kernel>("TeredoPortWatcher::subscribe", IrqlBound::BelowDispatch)?;
+        self.registry().subscribe(subscriber, false)
+    }
+
+    /// Adds a subscriber and first calls it with [`TeredoEvent::Snapshot`] of the current
+    /// state, in order with concurrent notifications: it never sees an older port after a
+    /// newer one. If notifications race the subscription, the subscriber gets a second
+    /// snapshot with the newer state instead of those notifications.
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`; the snapshot call runs on this thread.
+    ///
+    /// # Errors
+    ///
+    /// As [`subscribe`](Self::subscribe).
+    pub fn subscribe_with_snapshot<F>(&self, subscriber: F) -> Result<SubscriberId, Error>
+    where
+        F: FnMut(TeredoEvent) + Send + 'static,
+    {
+        irql::check::<S::Kernel>(
+            "TeredoPortWatcher::subscribe_with_snapshot",
+            IrqlBound::BelowDispatch,
+        )?;
+        self.registry().subscribe(subscriber, true)
+    }
+
+    /// Removes a subscriber. Once this returns `Ok`, it is not running and is never called
+    /// again; it is dropped here (or, when called from inside a callback, by a later call).
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL` (it may wait for a callback in flight on another thread); from
+    /// inside a subscriber callback of this watcher, any IRQL `<= DISPATCH_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownSubscriber`], [`Error::IrqlTooHigh`].
+    pub fn unsubscribe(&self, id: SubscriberId) -> Result<(), Error> {
+        self.registry().unsubscribe(id)
+    }
+
+    /// Counters: notifications, subscribers, capacity.
+    ///
+    /// # IRQL
+    ///
+    /// `<= DISPATCH_LEVEL`.
+    #[must_use]
+    pub fn stats(&self) -> RegistryStats {
+        self.registry().stats()
+    }
+
+    /// Cancels the registration and frees the watcher, returning the status.
+    ///
+    /// # IRQL
+    ///
+    /// `PASSIVE_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CancelFromCallback`], [`Error::IrqlTooHigh`], or the status of
+    /// `CancelMibChangeNotify2`. On any error the context is leaked (never freed while the
+    /// OS may use it) and the handle stays in the table for its teardown to cancel.
+    pub fn unregister(self) -> Result<(), Error> {
+        let mut this = ManuallyDrop::new(self);
+        this.release()
+    }
+
+    fn release(&mut self) -> Result<(), Error> {
+        if self.registry().delivering_on_current_thread() {
+            return Err(Error::CancelFromCallback);
+        }
+        irql::check::<S::Kernel>("TeredoPortWatcher::unregister", IrqlBound::Passive)?;
+        self.table.release(self.entry)?;
+        // SAFETY: `release` returned Ok, so the OS no longer uses the registry and no
+        // callback is running (cancel waits); it came from `Box::leak` (type invariant) and
+        // is freed once, here, since `self` is not used again.
+        drop(unsafe { Box::from_raw(self.registry.as_ptr()) });
+        Ok(())
+    }
+}
+
+impl<S: PortSource> Drop for TeredoPortWatcher<'_, S> {
+    /// Best effort: see [`unregister`](TeredoPortWatcher::unregister) for the status.
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+impl<S: PortSource> core::fmt::Debug for TeredoPortWatcher<'_, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("TeredoPortWatcher")
+            .field("current_port", &self.registry().current_port())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
