@@ -1,0 +1,76 @@
+//! The windows-drivers-rs binding: the real driver.
+//!
+//! Everything that names `wdk`, `wdk-sys`, `wdk-alloc` or `wdk-panic` is in this file:
+//! the global allocator, the panic handler, `wdk::println!` as the target of [`log!`], the
+//! exported `DriverEntry`, the `DriverUnload` routine, and the driver's two statics over the
+//! real netio. The driver's behaviour is in [`crate::driver`].
+
+use core::fmt;
+
+use teredo_watcher::HandleTable;
+use teredo_watcher::nt::NetioPortSource;
+use wdk_sys::{DRIVER_OBJECT, NTSTATUS, PCUNICODE_STRING};
+
+use crate::driver::{self, DriverConfig, TeredoMonitor};
+use crate::slot::DriverSlot;
+
+// The panic handler: a panic bugchecks with a recognizable code (wdk-panic's handler).
+// Tests build for the host and use std's.
+#[cfg(not(test))]
+extern crate wdk_panic;
+
+/// Every allocation of the driver (and of the library: the watcher's context, the handle
+/// table's entries) comes from the non-paged pool through `wdk-alloc`, so callbacks may
+/// touch it at `DISPATCH_LEVEL`.
+#[cfg(not(test))]
+#[global_allocator]
+static GLOBAL_ALLOCATOR: wdk_alloc::WdkAllocator = wdk_alloc::WdkAllocator;
+
+/// Every notification registration of this driver; torn down in `DriverUnload`.
+static TABLE: HandleTable<NetioPortSource> = HandleTable::new(NetioPortSource::new());
+
+/// The driver's state between `DriverEntry` and `DriverUnload`: its one owned place.
+static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot::new();
+
+/// The target of [`log!`]: `DbgPrint` through `wdk::println!`, which formats into a stack
+/// buffer (no allocation) and is valid up to `DIRQL`.
+pub(crate) fn log(args: fmt::Arguments<'_>) {
+    wdk::println!("teredo-monitor: {args}");
+}
+
+/// `DriverEntry`: runs [`driver::driver_entry`] and sets `DriverUnload` when it succeeds
+/// (on failure the I/O manager unloads the image without calling `DriverUnload`, and
+/// `driver_entry` has already undone its steps).
+///
+/// # Safety
+///
+/// Called by the I/O manager only, once per load, at `PASSIVE_LEVEL`, with `driver` the
+/// driver object being initialized (valid and exclusively ours for the duration of the
+/// call) and `registry_path` its service key (unused here).
+// SAFETY: "DriverEntry" is the entry point symbol the WDK linker configuration expects; no
+// other item in this image exports that name. Gated off for tests, like upstream samples.
+#[cfg_attr(not(test), unsafe(export_name = "DriverEntry"))]
+pub unsafe extern "system" fn driver_entry(
+    driver: &mut DRIVER_OBJECT,
+    _registry_path: PCUNICODE_STRING,
+) -> NTSTATUS {
+    let status = driver::driver_entry(&TABLE, &DRIVER, DriverConfig::default());
+    if status.is_success() {
+        driver.DriverUnload = Some(driver_unload);
+    }
+    status.0
+}
+
+/// `DriverUnload`: runs [`driver::driver_unload`], which cancels the registration (waiting
+/// for a callback in flight) and tears the handle table down before the image goes away.
+///
+/// # Safety
+///
+/// Called by the I/O manager only, once, at `PASSIVE_LEVEL`, after a successful
+/// `DriverEntry` set it. The driver object is not used.
+unsafe extern "C" fn driver_unload(_driver: *mut DRIVER_OBJECT) {
+    let report = driver::driver_unload(&TABLE, &DRIVER);
+    if !report.is_clean() {
+        wdk::println!("teredo-monitor: unload left registrations behind: {report:?}");
+    }
+}
