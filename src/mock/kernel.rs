@@ -8,11 +8,6 @@ use crate::sync::atomic::{AtomicBool, Ordering as LockOrdering};
 use crate::irql::{Irql, IrqlBound};
 use crate::kernel::{Kernel, ThreadToken};
 
-#[cfg(loom)]
-use loom::thread_local;
-#[cfg(not(loom))]
-use std::thread_local;
-
 /// What the mock does when the library reports an IRQL violation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ViolationPolicy {
@@ -22,10 +17,20 @@ pub enum ViolationPolicy {
     Record,
 }
 
-thread_local! {
+#[cfg(not(loom))]
+std::thread_local! {
     static IRQL: Cell<u8> = const { Cell::new(0) };
     static POLICY: Cell<Option<ViolationPolicy>> = const { Cell::new(None) };
     static TOKEN: Cell<usize> = const { Cell::new(0) };
+}
+
+// loom's `thread_local!` (per loom thread, reset per model iteration) has no `const { }`
+// initializer form, hence the second copy.
+#[cfg(loom)]
+loom::thread_local! {
+    static IRQL: Cell<u8> = Cell::new(0);
+    static POLICY: Cell<Option<ViolationPolicy>> = Cell::new(None);
+    static TOKEN: Cell<usize> = Cell::new(0);
 }
 
 static NEXT_TOKEN: AtomicUsize = AtomicUsize::new(1);
@@ -133,7 +138,11 @@ unsafe impl Kernel for MockKernel {
             "mock kernel: waiting at {} would hang a real kernel",
             Self::current_irql()
         );
+        // Under loom a wait loop must yield to loom's scheduler, or the model never ends.
+        #[cfg(not(loom))]
         std::thread::yield_now();
+        #[cfg(loom)]
+        loom::thread::yield_now();
     }
 
     fn irql_violation(operation: &'static str, current: Irql, required: IrqlBound) {
