@@ -13,9 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let wdk = std::env::var_os("CARGO_FEATURE_WDK").is_some();
     let host = std::env::var_os("CARGO_FEATURE_HOST_MOCK").is_some();
     if wdk && host {
-        return Err("teredo-monitor: features `wdk` and `host-mock` select two platforms; \
+        return Err(
+            "teredo-monitor: features `wdk` and `host-mock` select two platforms; \
                     for the host build use `--no-default-features --features host-mock`"
-            .into());
+                .into(),
+        );
     }
     #[cfg(feature = "wdk")]
     wdk_build::configure_wdk_binary_build()?;

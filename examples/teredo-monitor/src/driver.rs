@@ -143,17 +143,20 @@ fn event_logger<K: Kernel>() -> impl FnMut(TeredoEvent) + Send + 'static {
 fn exception_subscriber() -> impl FnMut(TeredoEvent) + Send + 'static {
     let mut tracker = ExceptionTracker::new();
     move |event| {
-        let snapshot = matches!(event, TeredoEvent::Snapshot { .. });
-        match tracker.update(event) {
+        let change = tracker.update(event);
+        if let TeredoEvent::Snapshot { port } = event {
+            log!(
+                "  exception tracker subscribed (snapshot port={}): {{{}}}",
+                Port(port),
+                tracker.applied()
+            );
+            return;
+        }
+        match change {
             ExceptionChange::Updated { opened, closed } => log!(
                 "  exceptions updated (open {}, close {}): {{{}}}",
                 Port(opened),
                 Port(closed),
-                tracker.applied()
-            ),
-            ExceptionChange::Unchanged if snapshot => log!(
-                "  exception tracker subscribed (snapshot port={}): {{{}}}",
-                Port(event.port()),
                 tracker.applied()
             ),
             ExceptionChange::Unchanged => {
@@ -205,10 +208,10 @@ fn roll_back<S: PortSource>(table: &HandleTable<S>, watcher: TeredoPortWatcher<'
 }
 
 /// The steps of `DriverEntry` up to a complete state (see the module documentation).
-fn load<'t, S: PortSource>(
-    table: &'t HandleTable<S>,
+fn load<S: PortSource>(
+    table: &HandleTable<S>,
     config: DriverConfig,
-) -> Result<TeredoMonitor<'t, S>, (EntryStep, NtStatus)> {
+) -> Result<TeredoMonitor<'_, S>, (EntryStep, NtStatus)> {
     let failed = |step: EntryStep, error: &Error| {
         let status = NtStatus::from_error(error);
         log!("DriverEntry: {step} failed: {error} (status {status})");
@@ -280,7 +283,8 @@ pub fn driver_entry<'t, S: PortSource>(
             EntryStep::StoreState,
             NtStatus::OBJECT_NAME_COLLISION
         );
-        roll_back(table, refused.watcher);
+        let TeredoMonitor { watcher } = *refused;
+        roll_back(table, watcher);
         return NtStatus::OBJECT_NAME_COLLISION;
     }
     log!("DriverEntry: loaded (status {})", NtStatus::SUCCESS);
@@ -323,28 +327,27 @@ pub fn driver_unload<'t, S: PortSource>(
     table: &'t HandleTable<S>,
     slot: &DriverSlot<TeredoMonitor<'t, S>>,
 ) -> UnloadReport {
-    let (had_state, notifications, unregister) = match slot.take() {
-        Some(monitor) => {
-            let notifications = monitor.watcher.stats().notifications;
-            log!(
-                "DriverUnload at {}: cancelling the registration (waits for a callback in flight)",
-                irql::<S>()
-            );
-            let result = monitor.watcher.unregister();
-            match &result {
-                Ok(()) => log!(
-                    "DriverUnload: registration cancelled after {notifications} notifications; no callback runs any more"
-                ),
-                Err(error) => log!(
-                    "DriverUnload: cancel failed: {error}; the handle table teardown retries it"
-                ),
+    let (had_state, notifications, unregister) = if let Some(monitor) = slot.take() {
+        let TeredoMonitor { watcher } = *monitor;
+        let notifications = watcher.stats().notifications;
+        log!(
+            "DriverUnload at {}: cancelling the registration (waits for a callback in flight)",
+            irql::<S>()
+        );
+        let result = watcher.unregister();
+        match &result {
+            Ok(()) => log!(
+                "DriverUnload: registration cancelled after {notifications} notifications; \
+                 no callback runs any more"
+            ),
+            Err(error) => {
+                log!("DriverUnload: cancel failed: {error}; the handle table teardown retries it")
             }
-            (true, notifications, Some(result))
         }
-        None => {
-            log!("DriverUnload at {}: no driver state", irql::<S>());
-            (false, 0, None)
-        }
+        (true, notifications, Some(result))
+    } else {
+        log!("DriverUnload at {}: no driver state", irql::<S>());
+        (false, 0, None)
     };
     let teardown = table.teardown();
     match &teardown {

@@ -54,3 +54,6 @@ mod platform;
 
 #[cfg(feature = "host-mock")]
 pub use platform::host;
+
+#[cfg(all(test, feature = "host-mock"))]
+mod tests;

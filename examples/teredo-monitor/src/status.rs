@@ -4,36 +4,32 @@
 //! driver logic does not depend on `wdk-sys` (the binding converts at the boundary; both are
 //! an `i32`).
 
-use teredo_watcher::Error;
+use teredo_watcher::{Error, sys};
 
 /// An `NTSTATUS`: negative values are errors.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(transparent)]
 pub struct NtStatus(pub i32);
 
-#[allow(
-    clippy::cast_possible_wrap,
-    reason = "NTSTATUS values are written as their unsigned bit patterns, as in ntstatus.h"
-)]
 impl NtStatus {
     /// `STATUS_SUCCESS`.
     pub const SUCCESS: NtStatus = NtStatus(0);
     /// `STATUS_UNSUCCESSFUL`.
-    pub const UNSUCCESSFUL: NtStatus = NtStatus(0xC000_0001_u32 as i32);
+    pub const UNSUCCESSFUL: NtStatus = NtStatus(0xC000_0001_u32.cast_signed());
     /// `STATUS_INVALID_HANDLE`.
-    pub const INVALID_HANDLE: NtStatus = NtStatus(0xC000_0008_u32 as i32);
+    pub const INVALID_HANDLE: NtStatus = NtStatus(0xC000_0008_u32.cast_signed());
     /// `STATUS_INVALID_PARAMETER`.
-    pub const INVALID_PARAMETER: NtStatus = NtStatus(0xC000_000D_u32 as i32);
+    pub const INVALID_PARAMETER: NtStatus = NtStatus(0xC000_000D_u32.cast_signed());
     /// `STATUS_INSUFFICIENT_RESOURCES`.
-    pub const INSUFFICIENT_RESOURCES: NtStatus = NtStatus(0xC000_009A_u32 as i32);
+    pub const INSUFFICIENT_RESOURCES: NtStatus = NtStatus(0xC000_009A_u32.cast_signed());
     /// `STATUS_DEVICE_NOT_READY`.
-    pub const DEVICE_NOT_READY: NtStatus = NtStatus(0xC000_00A3_u32 as i32);
+    pub const DEVICE_NOT_READY: NtStatus = NtStatus(0xC000_00A3_u32.cast_signed());
     /// `STATUS_OBJECT_NAME_COLLISION`: the driver state is already in place.
-    pub const OBJECT_NAME_COLLISION: NtStatus = NtStatus(0xC000_0035_u32 as i32);
+    pub const OBJECT_NAME_COLLISION: NtStatus = NtStatus(0xC000_0035_u32.cast_signed());
     /// `STATUS_INVALID_DEVICE_STATE`: called at the wrong IRQL, or after teardown.
-    pub const INVALID_DEVICE_STATE: NtStatus = NtStatus(0xC000_0184_u32 as i32);
+    pub const INVALID_DEVICE_STATE: NtStatus = NtStatus(0xC000_0184_u32.cast_signed());
     /// `STATUS_POSSIBLE_DEADLOCK`: a cancel from inside the registration's own callback.
-    pub const POSSIBLE_DEADLOCK: NtStatus = NtStatus(0xC000_0194_u32 as i32);
+    pub const POSSIBLE_DEADLOCK: NtStatus = NtStatus(0xC000_0194_u32.cast_signed());
 
     /// `NT_SUCCESS(status)`.
     #[must_use]
@@ -50,12 +46,11 @@ impl NtStatus {
         if let Some(status) = error.status() {
             return match status.0 {
                 raw if raw < 0 => NtStatus(raw),
-                // ERROR_INVALID_HANDLE, ERROR_NOT_ENOUGH_MEMORY, ERROR_NOT_READY,
-                // ERROR_INVALID_PARAMETER (Win32 codes, positive).
-                6 => NtStatus::INVALID_HANDLE,
-                8 => NtStatus::INSUFFICIENT_RESOURCES,
-                21 => NtStatus::DEVICE_NOT_READY,
-                87 => NtStatus::INVALID_PARAMETER,
+                // The Win32 codes (positive) the documentation names.
+                sys::ERROR_INVALID_HANDLE => NtStatus::INVALID_HANDLE,
+                sys::ERROR_NOT_ENOUGH_MEMORY => NtStatus::INSUFFICIENT_RESOURCES,
+                sys::ERROR_NOT_READY => NtStatus::DEVICE_NOT_READY,
+                sys::ERROR_INVALID_PARAMETER => NtStatus::INVALID_PARAMETER,
                 _ => NtStatus::UNSUCCESSFUL,
             };
         }
@@ -63,9 +58,7 @@ impl NtStatus {
             Error::AllocationFailed { .. }
             | Error::SubscriberTableFull { .. }
             | Error::HandleTableFull { .. } => NtStatus::INSUFFICIENT_RESOURCES,
-            Error::IrqlTooHigh { .. } | Error::HandleTableClosed => {
-                NtStatus::INVALID_DEVICE_STATE
-            }
+            Error::IrqlTooHigh { .. } | Error::HandleTableClosed => NtStatus::INVALID_DEVICE_STATE,
             Error::CancelFromCallback => NtStatus::POSSIBLE_DEADLOCK,
             Error::UnknownSubscriber => NtStatus::INVALID_PARAMETER,
             _ => NtStatus::UNSUCCESSFUL,

@@ -190,7 +190,10 @@ fn main() -> ExitCode {
 
     let allocations = after.allocations - before.allocations;
     let returned = after.deallocations - before.deallocations;
-    let outstanding = after.live_bytes.wrapping_sub(before.live_bytes).cast_signed();
+    let outstanding = after
+        .live_bytes
+        .wrapping_sub(before.live_bytes)
+        .cast_signed();
 
     println!(
         "[check] DriverEntry returned {}; DriverUnload clean: {}",

@@ -102,13 +102,12 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
     if s.unloaded_by.is_some_and(|t| t != me) {
         s.late_lines += 1;
     }
-    match s.capture.as_mut() {
-        Some(lines) => lines.push(line.as_str().to_string()),
-        None => {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "[driver] {}", line.as_str());
-            let _ = out.flush();
-        }
+    if let Some(lines) = s.capture.as_mut() {
+        lines.push(line.as_str().to_string());
+    } else {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "[driver] {}", line.as_str());
+        let _ = out.flush();
     }
     if s.hold_armed_by.is_some_and(|t| t != me) && !s.held {
         // A callback is inside driver code: keep it there until released.

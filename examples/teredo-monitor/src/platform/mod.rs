@@ -26,7 +26,10 @@ pub(crate) use self::host::log;
 
 /// No platform: the output is discarded (type-checking configuration only).
 #[cfg(not(any(feature = "wdk", feature = "host-mock")))]
-#[allow(clippy::needless_pass_by_value, reason = "same signature as the real bindings")]
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "same signature as the real bindings"
+)]
 pub(crate) fn log(args: core::fmt::Arguments<'_>) {
     let _ = args;
 }

@@ -1,0 +1,355 @@
+//! The example driver's logic on the host mock: every `DriverEntry` step's rollback, the
+//! unload, the exception set, the IRQL in the log.
+//!
+//! Run with `cargo test --manifest-path examples/teredo-monitor/Cargo.toml
+//! --no-default-features --features host-mock`. (Unit tests rather than `tests/`: the
+//! driver profile's `panic = "abort"` would make cargo build the library twice, with
+//! colliding output names, for integration tests.)
+
+use std::format;
+use std::string::String;
+use std::vec::Vec;
+
+use crate::driver::{self, DriverConfig, TeredoMonitor};
+use crate::host;
+use crate::slot::DriverSlot;
+use crate::status::NtStatus;
+use teredo_watcher::mock::MockNetio;
+use teredo_watcher::{Error, HandleTable, Irql, NetioCall, sys};
+
+type Slot<'t> = DriverSlot<TeredoMonitor<'t, MockNetio>>;
+
+/// Runs `f` with the log captured; returns its value and the lines.
+fn captured<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
+    host::capture();
+    let value = f();
+    (value, host::take_captured())
+}
+
+fn position(lines: &[String], needle: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line contains {needle:?} in {lines:#?}"))
+}
+
+#[test]
+fn load_follow_the_client_and_unload_cleanly() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+
+    let ((status, report), lines) = captured(|| {
+        let status = driver::driver_entry(&table, &slot, DriverConfig::default());
+        netio.wait_idle();
+        let first = netio.client().start();
+        netio.wait_idle();
+        netio.set_callback_irql(Irql::DISPATCH_LEVEL);
+        let second = netio.client().restart();
+        netio.wait_idle();
+        assert_ne!(first, second);
+        netio.client().stop();
+        netio.wait_idle();
+        (status, driver::driver_unload(&table, &slot))
+    });
+
+    assert_eq!(status, NtStatus::SUCCESS);
+    assert!(report.had_state && report.is_clean(), "{report:?}");
+    assert_eq!(report.notifications, 4, "initial, add, change, delete");
+    assert_eq!(netio.live_registrations(), 0);
+    assert_eq!(table.live_registrations(), 0);
+    assert!(table.is_closed());
+    assert!(!slot.is_occupied());
+    assert_eq!(
+        netio.calls(),
+        [1, 1, 1],
+        "one notify, one seed query, one cancel"
+    );
+
+    let initial = position(&lines, "event #1: MibInitialNotification");
+    let added = position(
+        &lines,
+        "event #2: MibAddInstance (client started) port=udp/49152 at PASSIVE_LEVEL",
+    );
+    let opened = position(&lines, "exceptions updated (open udp/49152, close none)");
+    let changed = position(
+        &lines,
+        "event #3: MibParameterNotification (port changed) port=udp/49159 at DISPATCH_LEVEL",
+    );
+    let moved = position(
+        &lines,
+        "exceptions updated (open udp/49159, close udp/49152)",
+    );
+    let deleted = position(&lines, "event #4: MibDeleteInstance");
+    let closed = position(
+        &lines,
+        "exceptions updated (open none, close udp/49159): {dynamic none, static udp/3544 (multicast 224.0.0.253)}",
+    );
+    let cancelled = position(&lines, "registration cancelled after 4 notifications");
+    assert!(initial < added && added < opened && opened < changed && changed < moved);
+    assert!(moved < deleted && deleted < closed && closed < cancelled);
+}
+
+#[test]
+fn a_client_running_at_load_is_in_the_exception_set_from_the_start() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let port = netio.client().start();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+
+    let (status, lines) = captured(|| {
+        let status = driver::driver_entry(&table, &slot, DriverConfig::default());
+        netio.wait_idle();
+        status
+    });
+    assert_eq!(status, NtStatus::SUCCESS);
+    position(&lines, &format!("GetTeredoPort seeded port=udp/{port}"));
+    position(
+        &lines,
+        &format!("exception tracker subscribed (snapshot port=udp/{port}): {{dynamic udp/{port}"),
+    );
+    assert!(driver::driver_unload(&table, &slot).is_clean());
+}
+
+#[test]
+fn step_1_failure_returns_the_netio_status_and_leaves_nothing() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+    netio.fail_next(
+        NetioCall::NotifyTeredoPortChange,
+        sys::STATUS_INSUFFICIENT_RESOURCES,
+    );
+
+    let (status, lines) = captured(|| driver::driver_entry(&table, &slot, DriverConfig::default()));
+
+    assert_eq!(status, NtStatus::INSUFFICIENT_RESOURCES);
+    position(&lines, "step 1/3 (register: NotifyTeredoPortChange) failed");
+    assert!(!slot.is_occupied());
+    assert_eq!(netio.live_registrations(), 0);
+    assert_eq!(table.live_registrations(), 0);
+    assert!(
+        !table.is_closed(),
+        "nothing to tear down after a refused registration"
+    );
+}
+
+#[test]
+fn step_1_failure_with_a_win32_code_returns_its_ntstatus() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+    netio.fail_next(NetioCall::NotifyTeredoPortChange, sys::ERROR_INVALID_HANDLE);
+
+    let (status, _) = captured(|| driver::driver_entry(&table, &slot, DriverConfig::default()));
+
+    assert_eq!(status, NtStatus::INVALID_HANDLE);
+    assert_eq!(netio.live_registrations(), 0);
+}
+
+#[test]
+fn step_2_failure_cancels_the_registration() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+    // One subscriber slot: the event logger takes it, the exception tracker cannot subscribe.
+    let config = DriverConfig { max_subscribers: 1 };
+
+    let (status, lines) = captured(|| driver::driver_entry(&table, &slot, config));
+
+    assert_eq!(status, NtStatus::INSUFFICIENT_RESOURCES);
+    let failed = position(&lines, "step 2/3 (subscribe the exception tracker) failed");
+    let rolled_back = position(&lines, "rolled back: registration cancelled");
+    assert!(failed < rolled_back);
+    assert!(!slot.is_occupied());
+    assert_eq!(netio.live_registrations(), 0);
+    assert_eq!(table.live_registrations(), 0);
+    assert_eq!(netio.calls()[2], 1, "the registration was cancelled");
+}
+
+#[test]
+fn step_2_failure_with_a_failing_cancel_tears_the_table_down() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+    netio.fail_next(
+        NetioCall::CancelMibChangeNotify2,
+        sys::STATUS_INVALID_PARAMETER,
+    );
+
+    let (status, lines) =
+        captured(|| driver::driver_entry(&table, &slot, DriverConfig { max_subscribers: 1 }));
+
+    assert_eq!(
+        status,
+        NtStatus::INSUFFICIENT_RESOURCES,
+        "the status of the failed step"
+    );
+    position(&lines, "rollback: cancel failed");
+    position(&lines, "rollback: teardown cancelled 1, failed 0");
+    assert_eq!(
+        netio.live_registrations(),
+        0,
+        "the teardown's cancel removed it"
+    );
+    assert!(table.is_closed());
+    assert_eq!(
+        netio.calls()[2],
+        2,
+        "the failed cancel, then the teardown's"
+    );
+}
+
+#[test]
+fn step_3_failure_when_a_state_is_loaded_rolls_back_only_its_own_registration() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+
+    let ((first, second), lines) = captured(|| {
+        let first = driver::driver_entry(&table, &slot, DriverConfig::default());
+        let second = driver::driver_entry(&table, &slot, DriverConfig::default());
+        (first, second)
+    });
+
+    assert_eq!(first, NtStatus::SUCCESS);
+    assert_eq!(second, NtStatus::OBJECT_NAME_COLLISION);
+    position(&lines, "step 3/3 (store the driver state) failed");
+    assert_eq!(
+        netio.live_registrations(),
+        1,
+        "the loaded state keeps its registration"
+    );
+    assert!(slot.is_occupied());
+
+    let (report, _) = captured(|| driver::driver_unload(&table, &slot));
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(netio.live_registrations(), 0);
+    assert_eq!(netio.calls()[2], 2, "each registration cancelled once");
+}
+
+#[test]
+fn unload_waits_for_a_callback_in_flight_and_nothing_runs_afterwards() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+
+    let (report, lines) = captured(|| {
+        assert_eq!(
+            driver::driver_entry(&table, &slot, DriverConfig::default()),
+            NtStatus::SUCCESS
+        );
+        netio.wait_idle();
+        netio.set_callback_irql(Irql::DISPATCH_LEVEL);
+        host::hold_next_callback();
+        let port = netio.client().start();
+        netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
+        host::wait_until_held();
+        let releaser = std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(
+                host::callback_held(),
+                "the unload must not have ended the held callback"
+            );
+            host::release_held_callback();
+        });
+        let report = driver::driver_unload(&table, &slot);
+        host::mark_unloaded();
+        releaser.join().expect("releaser");
+        netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
+        netio.wait_idle();
+        report
+    });
+
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(
+        netio.dropped_after_cancel(),
+        1,
+        "the queued notification was discarded"
+    );
+    assert_eq!(host::late_callback_lines(), 0);
+    let unloading = position(&lines, "DriverUnload at PASSIVE_LEVEL: cancelling");
+    let finished = position(&lines, "exceptions updated (open udp/49152, close none)");
+    let cancelled = position(&lines, "DriverUnload: registration cancelled");
+    assert!(
+        unloading < finished && finished < cancelled,
+        "the cancel returned only after the callback in flight finished: {lines:#?}"
+    );
+    host::reset();
+}
+
+#[test]
+fn unload_without_a_state_still_tears_the_table_down() {
+    let _serial = host::exclusive();
+    host::reset();
+    let netio = MockNetio::new();
+    let table = HandleTable::new(netio.clone());
+    let slot = Slot::new();
+
+    let (report, lines) = captured(|| driver::driver_unload(&table, &slot));
+
+    assert!(!report.had_state);
+    assert!(report.unregister.is_none());
+    assert!(report.is_clean());
+    assert!(table.is_closed());
+    position(&lines, "no driver state");
+}
+
+#[test]
+fn library_errors_map_to_documented_ntstatus_values() {
+    let netio_status = |raw| Error::from_status(NetioCall::NotifyTeredoPortChange, raw);
+    assert_eq!(
+        NtStatus::from_error(&netio_status(sys::STATUS_NO_MEMORY)),
+        NtStatus(sys::STATUS_NO_MEMORY)
+    );
+    assert_eq!(
+        NtStatus::from_error(&netio_status(sys::ERROR_NOT_ENOUGH_MEMORY)),
+        NtStatus::INSUFFICIENT_RESOURCES
+    );
+    assert_eq!(
+        NtStatus::from_error(&netio_status(sys::ERROR_NOT_READY)),
+        NtStatus::DEVICE_NOT_READY
+    );
+    assert_eq!(
+        NtStatus::from_error(&netio_status(sys::ERROR_INVALID_PARAMETER)),
+        NtStatus::INVALID_PARAMETER
+    );
+    assert_eq!(
+        NtStatus::from_error(&netio_status(1234)),
+        NtStatus::UNSUCCESSFUL
+    );
+    assert_eq!(
+        NtStatus::from_error(&Error::AllocationFailed { bytes: 64 }),
+        NtStatus::INSUFFICIENT_RESOURCES
+    );
+    assert_eq!(
+        NtStatus::from_error(&Error::HandleTableClosed),
+        NtStatus::INVALID_DEVICE_STATE
+    );
+    assert_eq!(
+        NtStatus::from_error(&Error::CancelFromCallback),
+        NtStatus::POSSIBLE_DEADLOCK
+    );
+    assert!(NtStatus::SUCCESS.is_success());
+    assert!(!NtStatus::UNSUCCESSFUL.is_success());
+    assert_eq!(
+        std::format!("{}", NtStatus::INSUFFICIENT_RESOURCES),
+        "0xc000009a"
+    );
+}
