@@ -51,7 +51,10 @@ impl fmt::Debug for NetioStatus {
 
 impl fmt::Display for NetioStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        #[allow(clippy::cast_sign_loss, reason = "NTSTATUS values are shown as their bits")]
+        #[allow(
+            clippy::cast_sign_loss,
+            reason = "NTSTATUS values are shown as their bits"
+        )]
         let bits = self.0 as u32;
         match self.name() {
             Some(name) => write!(f, "{name} ({bits:#010x})"),

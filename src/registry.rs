@@ -229,7 +229,11 @@ impl<K: Kernel> Registry<K> {
         for i in 0..capacity {
             let slot = Slot::new();
             #[allow(clippy::cast_possible_truncation, reason = "capacity < u32::MAX")]
-            let next = if i + 1 < capacity { (i + 1) as u32 } else { NONE };
+            let next = if i + 1 < capacity {
+                (i + 1) as u32
+            } else {
+                NONE
+            };
             slot.next.store(next, Ordering::Relaxed);
             slots.push(slot);
         }
@@ -323,12 +327,10 @@ impl<K: Kernel> Registry<K> {
             let mut state = slot.state.load(Ordering::SeqCst);
             if state == INIT {
                 // The subscribing thread owns it: tell it that it missed this one.
-                match slot.state.compare_exchange(
-                    INIT,
-                    MISSED,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                ) {
+                match slot
+                    .state
+                    .compare_exchange(INIT, MISSED, Ordering::SeqCst, Ordering::SeqCst)
+                {
                     Ok(_) => continue,
                     Err(now) => state = now,
                 }
@@ -431,8 +433,7 @@ impl<K: Kernel> Registry<K> {
             {
                 return Err(Error::UnknownSubscriber);
             }
-            slot.tag
-                .store(id.tag.wrapping_add(1), Ordering::Relaxed);
+            slot.tag.store(id.tag.wrapping_add(1), Ordering::Relaxed);
             slot.state.store(REMOVED, Ordering::SeqCst);
             books.live -= 1;
             if inside {

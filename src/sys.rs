@@ -1,5 +1,9 @@
 //! Raw netio and ntoskrnl declarations, and the numeric constants of the C API.
-#![allow(non_camel_case_types, non_snake_case, reason = "names as in the Windows headers")]
+#![allow(
+    non_camel_case_types,
+    non_snake_case,
+    reason = "names as in the Windows headers"
+)]
 //!
 //! `wdk-sys` does not bind `Netioapi.h`, so the declarations are ours. They follow the
 //! kernel flavour of the header: `NETIO_STATUS` is `NTSTATUS` (`i32`) and the calling
@@ -67,7 +71,10 @@ pub const DOCUMENTED_STATUS_CODES: [(&str, NTSTATUS); 11] = [
     ("STATUS_INVALID_PARAMETER", STATUS_INVALID_PARAMETER),
     ("STATUS_INVALID_HANDLE", STATUS_INVALID_HANDLE),
     ("STATUS_NO_MEMORY", STATUS_NO_MEMORY),
-    ("STATUS_INSUFFICIENT_RESOURCES", STATUS_INSUFFICIENT_RESOURCES),
+    (
+        "STATUS_INSUFFICIENT_RESOURCES",
+        STATUS_INSUFFICIENT_RESOURCES,
+    ),
     ("STATUS_NOT_SUPPORTED", STATUS_NOT_SUPPORTED),
     ("STATUS_DEVICE_NOT_READY", STATUS_DEVICE_NOT_READY),
     ("ERROR_INVALID_HANDLE", ERROR_INVALID_HANDLE),

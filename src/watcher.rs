@@ -219,10 +219,8 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     #[must_use]
     pub fn current_port(&self) -> Option<TeredoPort> {
         #[cfg(debug_assertions)]
-        let _ = irql::check::<S::Kernel>(
-            "TeredoPortWatcher::current_port",
-            IrqlBound::AtMostDispatch,
-        );
+        let _ =
+            irql::check::<S::Kernel>("TeredoPortWatcher::current_port", IrqlBound::AtMostDispatch);
         self.registry().current_port()
     }
 

@@ -147,7 +147,7 @@ fn a_long_lived_subscriber_sees_every_notification_in_order_despite_churn() {
         move |e: TeredoEvent| {
             s2.lock()
                 .expect("lock")
-                .push(e.port().map_or(0, teredo_watcher::TeredoPort::get))
+                .push(e.port().map_or(0, teredo_watcher::TeredoPort::get));
         },
     )
     .expect("register");

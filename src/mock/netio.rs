@@ -254,7 +254,10 @@ impl MockNetio {
     ///
     /// Above `DISPATCH_LEVEL`: the documented callback IRQL is at most that.
     pub fn set_callback_irql(&self, irql: Irql) {
-        assert!(irql <= Irql::DISPATCH_LEVEL, "callbacks run at <= DISPATCH_LEVEL");
+        assert!(
+            irql <= Irql::DISPATCH_LEVEL,
+            "callbacks run at <= DISPATCH_LEVEL"
+        );
         self.shared.lock().callback_irql = irql;
     }
 
@@ -411,10 +414,13 @@ unsafe impl PortSource for MockNetio {
                 sys::STATUS_INSUFFICIENT_RESOURCES,
             ));
         };
-        let reg = s.registrations.get_mut(&handle).ok_or(Error::InvalidHandle {
-            call: NetioCall::NotifyTeredoPortChange,
-            status: crate::NetioStatus(sys::ERROR_INVALID_HANDLE),
-        })?;
+        let reg = s
+            .registrations
+            .get_mut(&handle)
+            .ok_or(Error::InvalidHandle {
+                call: NetioCall::NotifyTeredoPortChange,
+                status: crate::NetioStatus(sys::ERROR_INVALID_HANDLE),
+            })?;
         reg.thread = Some(worker.thread().id());
         reg.worker = Some(worker);
         // The initial notification runs before the handle is written back, as the real API
@@ -446,8 +452,10 @@ unsafe impl PortSource for MockNetio {
                 sys::STATUS_NOT_SUPPORTED,
             ));
         }
-        s.running
-            .ok_or(Error::from_status(NetioCall::GetTeredoPort, sys::ERROR_NOT_READY))
+        s.running.ok_or(Error::from_status(
+            NetioCall::GetTeredoPort,
+            sys::ERROR_NOT_READY,
+        ))
     }
 
     unsafe fn cancel(&self, handle: RawHandle) -> Result<(), Error> {
@@ -482,7 +490,11 @@ unsafe impl PortSource for MockNetio {
         reg.queue.clear();
         s.dropped_after_cancel += dropped;
         self.shared.changed.notify_all();
-        while s.registrations.get(&handle.get()).is_some_and(|r| r.in_flight) {
+        while s
+            .registrations
+            .get(&handle.get())
+            .is_some_and(|r| r.in_flight)
+        {
             s = self.shared.wait(s);
         }
         let worker = s
