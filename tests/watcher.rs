@@ -175,7 +175,7 @@ fn query_port_names_not_started_and_no_ipv6() {
     netio.set_ipv6(false);
     let err = watcher.query_port().expect_err("no IPv6");
     assert!(matches!(err, Error::NoIpv6Stack { .. }), "{err:?}");
-    assert_eq!(err.status().map(|s| s.0 as u32), Some(0xC000_00BB));
+    assert_eq!(err.status().map(|s| s.0.cast_unsigned()), Some(0xC000_00BB));
 }
 
 #[test]
