@@ -163,7 +163,8 @@ impl<S: PortSource> HandleTable<S> {
     }
 
     /// Closes the table to new registrations and cancels every live one with
-    /// `CancelMibChangeNotify2`, waiting for registrations in progress to finish first.
+    /// `CancelMibChangeNotify2`, waiting for registrations and cancels in progress on other
+    /// threads to finish, so that when it returns no callback of this table can run.
     /// Call it from `DriverUnload`, after dropping the watchers you still hold.
     ///
     /// Watchers still alive afterwards stay valid: their callbacks no longer run,
@@ -182,15 +183,7 @@ impl<S: PortSource> HandleTable<S> {
         let mut report = TeardownReport::default();
         self.inner.lock().closed = true;
         // Registrations in progress finish (their `notify` returns) before we look.
-        while self
-            .inner
-            .lock()
-            .entries
-            .iter()
-            .any(|e| e.state == EntryState::Reserved)
-        {
-            <S::Kernel as Kernel>::relax();
-        }
+        self.wait_while_in_progress();
         let mut index = 0;
         loop {
             let handle = {
@@ -233,7 +226,23 @@ impl<S: PortSource> HandleTable<S> {
                 }
             }
         }
+        // A watcher may have started its own cancel meanwhile: when teardown returns, no
+        // cancel is in flight, so no callback can still be running.
+        self.wait_while_in_progress();
         Ok(report)
+    }
+
+    /// Waits (at `PASSIVE_LEVEL`) until no registration or cancel is in progress.
+    fn wait_while_in_progress(&self) {
+        while self
+            .inner
+            .lock()
+            .entries
+            .iter()
+            .any(|e| matches!(e.state, EntryState::Reserved | EntryState::Cancelling))
+        {
+            <S::Kernel as Kernel>::relax();
+        }
     }
 
     /// Registers `registry` with the OS, recording the handle.
