@@ -1,0 +1,470 @@
+//! Benchmarks of the two hot paths and of membership changes, each against a baseline
+//! measured in the same group of the same run, then one `ratio` line per goal.
+//!
+//! | group | what | baseline |
+//! |---|---|---|
+//! | `current_port` | `TeredoPortWatcher::current_port()` | a bare `AtomicU64` load (the floor), a read under a spin lock (the naive driver) |
+//! | `current_port_with_writer` | the same while another thread updates the port without pause | the same, each with its own writer |
+//! | `fanout` | one notification delivered to N = 1, 8, 64 subscribers | a spin lock held around N boxed closures |
+//! | `subscribe_unsubscribe` | subscribe + unsubscribe with 1,000 subscribers present | the same with 10 present |
+//!
+//! Notifications are driven without the mock's threads: [`DirectSource`] gives back the
+//! `extern "system"` trampoline the watcher registered, and the benchmark calls it on its
+//! own thread, as netio would. The baseline is entered the same way (an `extern "system"`
+//! function through a pointer) and locks with the same `MockKernel` spin lock (test-and-set
+//! plus the per-thread IRQL bookkeeping), so both sides pay the same entry and lock costs.
+//!
+//! Run: `cargo bench --bench teredo` (full), `.ci/bench-quick` (under a minute); see
+//! PERFORMANCE.md. Timing goals live here only, as ratios; nothing here fails on a miss.
+
+use core::cell::UnsafeCell;
+use core::ffi::c_void;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use criterion::{BenchmarkId, Criterion};
+use teredo_watcher::mock::MockKernel;
+use teredo_watcher::sys::{MIB_PARAMETER_NOTIFICATION, TeredoPortChangeCallback};
+use teredo_watcher::{
+    HandleTable, Kernel, TeredoEvent, TeredoPort, TeredoPortWatcher, WatcherOptions,
+};
+
+#[path = "support/direct_source.rs"]
+#[allow(
+    dead_code,
+    reason = "shared with tests/alloc_free.rs, which uses other parts"
+)]
+mod direct_source;
+
+use direct_source::DirectSource;
+
+/// The port `GetTeredoPort` reports when a watcher seeds itself.
+const SEED_PORT: u16 = 49_152;
+
+// ---------------------------------------------------------------------------------------
+// The naive driver: data behind the same spin lock the library uses for membership.
+// ---------------------------------------------------------------------------------------
+
+/// A `T` behind a `MockKernel` spin lock, written the way a driver without this library
+/// would: acquire (raise to `DISPATCH_LEVEL`), touch, release.
+struct NaiveLocked<T> {
+    lock: <MockKernel as Kernel>::RawSpinLock,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the data is only reached through `with`, which holds the lock, so one thread at a
+// time has it: sharing the lock is moving a `T` between threads.
+unsafe impl<T: Send> Sync for NaiveLocked<T> {}
+
+impl<T> NaiveLocked<T> {
+    fn new(value: T) -> Self {
+        NaiveLocked {
+            lock: <MockKernel as Kernel>::UNLOCKED,
+            data: UnsafeCell::new(value),
+        }
+    }
+
+    /// Runs `f` under the lock. `f` must not call `with` on the same lock (it would spin
+    /// forever, as on a real kernel); no caller in this file does.
+    #[inline]
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        // SAFETY: benchmark threads run at PASSIVE_LEVEL (<= DISPATCH_LEVEL), and no caller
+        // nests `with` on one lock, so this thread does not already hold it.
+        let previous = unsafe { MockKernel::acquire(&self.lock) };
+        // SAFETY: the lock is held until the release below, so this is the only reference.
+        let result = f(unsafe { &mut *self.data.get() });
+        // SAFETY: this thread holds the lock; `previous` is what the acquire returned.
+        unsafe { MockKernel::release(&self.lock, previous) };
+        result
+    }
+}
+
+/// The naive driver's notification state: its copy of the port and its subscribers.
+struct NaiveRegistry {
+    port: Option<TeredoPort>,
+    subscribers: Vec<Box<dyn FnMut(TeredoEvent) + Send>>,
+}
+
+/// The naive driver's OS callback: one lock around the port update and every subscriber.
+///
+/// # Safety
+///
+/// `context` is a live `NaiveLocked<NaiveRegistry>`.
+unsafe extern "system" fn naive_callback(context: *mut c_void, port: u16, notification_type: i32) {
+    // SAFETY: by this function's contract.
+    let naive = unsafe { &*context.cast::<NaiveLocked<NaiveRegistry>>() };
+    let event = TeredoEvent::from_raw(port, notification_type);
+    naive.with(|registry| {
+        registry.port = event.apply(registry.port);
+        for subscriber in &mut registry.subscribers {
+            subscriber(event);
+        }
+    });
+}
+
+/// The subscriber both sides run: a little arithmetic on the event, kept alive by
+/// `black_box`, with state of its own (8 bytes) as a real subscriber has.
+fn accumulator() -> impl FnMut(TeredoEvent) + Send + 'static {
+    let mut total = 0u64;
+    move |event: TeredoEvent| {
+        total = black_box(total.wrapping_add(u64::from(event.port().map_or(0, TeredoPort::get))));
+    }
+}
+
+fn options(capacity: usize) -> WatcherOptions {
+    WatcherOptions {
+        initial_notification: false,
+        max_subscribers: capacity,
+        seed_current_port: true,
+    }
+}
+
+/// Sets a flag when dropped (also when unwinding).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `measure` while another thread calls `write_once` in a loop; joins that thread
+/// before returning.
+fn with_writer(mut write_once: impl FnMut() + Send, measure: impl FnOnce()) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                write_once();
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        measure();
+    });
+}
+
+/// The next port a writer publishes: walks the dynamic range.
+#[inline]
+fn next_port(port: u16) -> u16 {
+    if port >= 65_000 { SEED_PORT } else { port + 1 }
+}
+
+// ---------------------------------------------------------------------------------------
+// current_port
+// ---------------------------------------------------------------------------------------
+
+fn bench_current_port(c: &mut Criterion) {
+    let table = HandleTable::new(DirectSource::new(SEED_PORT));
+    let watcher = TeredoPortWatcher::new(&table, options(1)).expect("register");
+    assert_eq!(watcher.current_port().map(TeredoPort::get), Some(SEED_PORT));
+    let atomic = AtomicU64::new(u64::from(SEED_PORT));
+    let locked = NaiveLocked::new(TeredoPort::new(SEED_PORT));
+
+    let mut group = c.benchmark_group("current_port");
+    group.bench_function("atomic_load", |b| {
+        b.iter(|| black_box(&atomic).load(Ordering::Acquire));
+    });
+    group.bench_function("watcher", |b| {
+        b.iter(|| black_box(&watcher).current_port());
+    });
+    group.bench_function("spin_lock_read", |b| {
+        b.iter(|| black_box(&locked).with(|port| *port));
+    });
+    group.finish();
+
+    // Each reader gets a writer thread that updates its port without pause, by its own
+    // write path: a store; a full notification pass; a store under the lock.
+    let registered = table.source().registered();
+    let mut group = c.benchmark_group("current_port_with_writer");
+    let mut port = SEED_PORT;
+    with_writer(
+        || {
+            port = next_port(port);
+            atomic.store(u64::from(port), Ordering::Release);
+        },
+        || {
+            group.bench_function("atomic_load", |b| {
+                b.iter(|| black_box(&atomic).load(Ordering::Acquire));
+            });
+        },
+    );
+    let mut port = SEED_PORT;
+    with_writer(
+        move || {
+            port = next_port(port);
+            // SAFETY: the watcher outlives the writer (`with_writer` joins it before
+            // returning), and the writer is the only thread calling the callback meanwhile.
+            unsafe { registered.fire(port, MIB_PARAMETER_NOTIFICATION) };
+        },
+        || {
+            group.bench_function("watcher", |b| {
+                b.iter(|| black_box(&watcher).current_port());
+            });
+        },
+    );
+    let mut port = SEED_PORT;
+    with_writer(
+        || {
+            port = next_port(port);
+            locked.with(|p| *p = TeredoPort::new(port));
+        },
+        || {
+            group.bench_function("spin_lock_read", |b| {
+                b.iter(|| black_box(&locked).with(|port| *port));
+            });
+        },
+    );
+    group.finish();
+    drop(watcher);
+}
+
+// ---------------------------------------------------------------------------------------
+// fan-out
+// ---------------------------------------------------------------------------------------
+
+const FANOUT_SIZES: [usize; 3] = [1, 8, 64];
+
+fn bench_fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    for n in FANOUT_SIZES {
+        let table = HandleTable::new(DirectSource::new(SEED_PORT));
+        let watcher = TeredoPortWatcher::new(&table, options(n)).expect("register");
+        for _ in 0..n {
+            watcher.subscribe(accumulator()).expect("subscribe");
+        }
+        let registered = table.source().registered();
+        group.bench_with_input(BenchmarkId::new("watcher", n), &n, |b, _| {
+            b.iter(|| {
+                // SAFETY: the watcher is alive for the whole benchmark and only this thread
+                // calls its callback.
+                unsafe {
+                    black_box(registered).fire(black_box(SEED_PORT), MIB_PARAMETER_NOTIFICATION);
+                }
+            });
+        });
+        drop(watcher);
+
+        let naive = NaiveLocked::new(NaiveRegistry {
+            port: None,
+            subscribers: (0..n)
+                .map(|_| Box::new(accumulator()) as Box<dyn FnMut(TeredoEvent) + Send>)
+                .collect(),
+        });
+        let callback: TeredoPortChangeCallback = naive_callback;
+        let context = (&raw const naive).cast_mut().cast::<c_void>();
+        group.bench_with_input(
+            BenchmarkId::new("spin_lock_boxed_closures", n),
+            &n,
+            |b, _| {
+                b.iter(|| {
+                    // SAFETY: `context` is `naive`, alive for the whole benchmark.
+                    unsafe {
+                        black_box(callback)(
+                            black_box(context),
+                            black_box(SEED_PORT),
+                            MIB_PARAMETER_NOTIFICATION,
+                        );
+                    }
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// subscribe + unsubscribe
+// ---------------------------------------------------------------------------------------
+
+const PRESENT: [usize; 2] = [10, 1_000];
+
+fn bench_subscribe(c: &mut Criterion) {
+    let mut group = c.benchmark_group("subscribe_unsubscribe");
+    for present in PRESENT {
+        let table = HandleTable::new(DirectSource::new(SEED_PORT));
+        let watcher = TeredoPortWatcher::new(&table, options(present + 1)).expect("register");
+        for _ in 0..present {
+            watcher.subscribe(accumulator()).expect("subscribe");
+        }
+        group.bench_with_input(BenchmarkId::new("watcher", present), &present, |b, _| {
+            b.iter(|| {
+                let id = watcher.subscribe(accumulator()).expect("subscribe");
+                watcher.unsubscribe(black_box(id)).expect("unsubscribe");
+            });
+        });
+    }
+    group.finish();
+}
+
+// ---------------------------------------------------------------------------------------
+// The summary: one `ratio` line per goal, from this run's medians.
+// ---------------------------------------------------------------------------------------
+
+/// Where criterion writes its reports: `$CRITERION_HOME`, else `$CARGO_TARGET_DIR/criterion`,
+/// else `<target dir>/criterion` found from this executable (`<target>/<profile>/deps/`).
+/// Criterion is told the same directory, so the summary reads what this run wrote.
+fn output_directory() -> PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return PathBuf::from(home);
+    }
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(target).join("criterion");
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target"))
+        .join("criterion")
+}
+
+/// The median (ns) of `<dir>/<id>/new/estimates.json`, if that file was written by this run.
+fn fresh_median(dir: &Path, id: &str, since: SystemTime) -> Option<f64> {
+    let path = dir.join(id).join("new").join("estimates.json");
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    if modified < since {
+        return None;
+    }
+    let json = std::fs::read_to_string(&path).ok()?;
+    // `{"mean":{...},"median":{"confidence_interval":{...},"point_estimate":X,...},...}`
+    let median = &json[json.find("\"median\"")?..];
+    let value = &median[median.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let end = value.find([',', '}'])?;
+    value[..end].trim().parse().ok()
+}
+
+/// A goal on a ratio.
+#[derive(Clone, Copy)]
+enum Goal {
+    AtMost(f64),
+    Between(f64, f64),
+    /// Reported for the reader; no goal.
+    Info,
+}
+
+impl Goal {
+    fn text(self) -> String {
+        match self {
+            Goal::AtMost(max) => format!("<={max}"),
+            Goal::Between(lo, hi) => format!("{lo}..{hi}"),
+            Goal::Info => "none".to_owned(),
+        }
+    }
+
+    fn verdict(self, value: f64) -> &'static str {
+        match self {
+            Goal::AtMost(max) if value <= max => "met",
+            Goal::Between(lo, hi) if (lo..=hi).contains(&value) => "met",
+            Goal::Info => "info",
+            _ => "MISSED",
+        }
+    }
+}
+
+fn summary(dir: &Path, since: SystemTime) {
+    let mut ratios: Vec<(String, &str, &str, Goal)> = vec![
+        (
+            "current_port/atomic_load".into(),
+            "current_port/watcher",
+            "current_port/atomic_load",
+            Goal::AtMost(1.2),
+        ),
+        (
+            "current_port_with_writer/atomic_load".into(),
+            "current_port_with_writer/watcher",
+            "current_port_with_writer/atomic_load",
+            Goal::AtMost(1.2),
+        ),
+        (
+            "current_port/spin_lock_read".into(),
+            "current_port/watcher",
+            "current_port/spin_lock_read",
+            Goal::Info,
+        ),
+        (
+            "current_port_with_writer/spin_lock_read".into(),
+            "current_port_with_writer/watcher",
+            "current_port_with_writer/spin_lock_read",
+            Goal::Info,
+        ),
+    ];
+    let fanout: Vec<(String, String, String)> = FANOUT_SIZES
+        .iter()
+        .map(|n| {
+            (
+                format!("fanout_{n}/spin_lock_boxed_closures"),
+                format!("fanout/watcher/{n}"),
+                format!("fanout/spin_lock_boxed_closures/{n}"),
+            )
+        })
+        .collect();
+    for (name, ours, base) in &fanout {
+        ratios.push((name.clone(), ours, base, Goal::AtMost(1.5)));
+    }
+    ratios.push((
+        "fanout_64/fanout_8".into(),
+        "fanout/watcher/64",
+        "fanout/watcher/8",
+        Goal::Between(6.0, 10.0),
+    ));
+    ratios.push((
+        "fanout_64/fanout_8_baseline".into(),
+        "fanout/spin_lock_boxed_closures/64",
+        "fanout/spin_lock_boxed_closures/8",
+        Goal::Info,
+    ));
+    ratios.push((
+        "subscribe_unsubscribe_1000/subscribe_unsubscribe_10".into(),
+        "subscribe_unsubscribe/watcher/1000",
+        "subscribe_unsubscribe/watcher/10",
+        Goal::AtMost(2.0),
+    ));
+
+    let mut lines = Vec::new();
+    let mut measured = 0;
+    for (name, ours, base, goal) in &ratios {
+        match (
+            fresh_median(dir, ours, since),
+            fresh_median(dir, base, since),
+        ) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                measured += 1;
+                let value = a / b;
+                lines.push(format!(
+                    "ratio {name} {value:.3} goal {} {} ({a:.2} ns / {b:.2} ns)",
+                    goal.text(),
+                    goal.verdict(value)
+                ));
+            }
+            _ => lines.push(format!(
+                "ratio {name} n/a goal {} not-measured-in-this-run",
+                goal.text()
+            )),
+        }
+    }
+    // Test mode (`cargo test --benches`) and `--list` write no estimates: stay quiet then.
+    if measured == 0 {
+        return;
+    }
+    println!(
+        "\n== teredo-watcher: ratios of medians measured in this run ({}) ==",
+        dir.display()
+    );
+    for line in lines {
+        println!("{line}");
+    }
+}
+
+fn main() {
+    let started = SystemTime::now();
+    let dir = output_directory();
+    let mut criterion = Criterion::default()
+        .output_directory(&dir)
+        .configure_from_args();
+    bench_current_port(&mut criterion);
+    bench_fanout(&mut criterion);
+    bench_subscribe(&mut criterion);
+    criterion.final_summary();
+    summary(&dir, started);
+}
