@@ -210,7 +210,6 @@ pub(crate) struct Registry<K: Kernel> {
     state: AtomicU64,
     deliverer: AtomicUsize,
     high_water: AtomicUsize,
-    notifications: AtomicU64,
     overlapping: AtomicU64,
     slots: Box<[Slot]>,
     books: SpinLock<K, Books>,
@@ -241,7 +240,6 @@ impl<K: Kernel> Registry<K> {
             state: AtomicU64::new(0),
             deliverer: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
-            notifications: AtomicU64::new(0),
             overlapping: AtomicU64::new(0),
             slots: slots.into_boxed_slice(),
             books: SpinLock::new(Books {
@@ -289,7 +287,8 @@ impl<K: Kernel> Registry<K> {
     pub(crate) fn stats(&self) -> RegistryStats {
         let subscribers = self.books.lock().live;
         RegistryStats {
-            notifications: self.notifications.load(Ordering::Relaxed),
+            // One generation per pass: the generation counts the notifications.
+            notifications: gen_of(self.state.load(Ordering::Acquire)),
             overlapping: self.overlapping.load(Ordering::Relaxed),
             subscribers,
             capacity: self.slots.len(),
@@ -320,10 +319,10 @@ impl<K: Kernel> Registry<K> {
         };
         self.deliverer
             .store(K::current_thread().raw(), Ordering::Relaxed);
-        self.notifications.fetch_add(1, Ordering::Relaxed);
 
         let high_water = self.high_water.load(Ordering::SeqCst);
-        for slot in &self.slots[..high_water] {
+        // `take` rather than slicing: no bounds check that could panic on the OS's thread.
+        for slot in self.slots.iter().take(high_water) {
             let mut state = slot.state.load(Ordering::SeqCst);
             if state == INIT {
                 // The subscribing thread owns it: tell it that it missed this one.
