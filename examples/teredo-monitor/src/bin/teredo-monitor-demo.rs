@@ -241,9 +241,9 @@ fn main() -> ExitCode {
 
     if failures.is_empty() {
         println!(
-            "OK: all {} registrations cancelled, no callback after unload, all {allocations} \
-             allocations returned (0 bytes outstanding)",
-            observed.cancels
+            "OK: every registration cancelled ({} of {}), no callback after unload, every \
+             allocation returned ({returned} of {allocations}, 0 bytes outstanding)",
+            observed.cancels, observed.registrations_made
         );
         ExitCode::SUCCESS
     } else {
