@@ -35,7 +35,7 @@ static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot:
 /// The target of [`log!`]: `DbgPrint` through `wdk::println!`, which formats into a stack
 /// buffer (no allocation) and is valid up to `DIRQL`.
 pub(crate) fn log(args: fmt::Arguments<'_>) {
-    wdk::println!("teredo-monitor: {args}");
+    ::wdk::println!("teredo-monitor: {args}");
 }
 
 /// `DriverEntry`: runs [`driver::driver_entry`] and sets `DriverUnload` when it succeeds
@@ -71,6 +71,6 @@ pub unsafe extern "system" fn driver_entry(
 unsafe extern "C" fn driver_unload(_driver: *mut DRIVER_OBJECT) {
     let report = driver::driver_unload(&TABLE, &DRIVER);
     if !report.is_clean() {
-        wdk::println!("teredo-monitor: unload left registrations behind: {report:?}");
+        ::wdk::println!("teredo-monitor: unload left registrations behind: {report:?}");
     }
 }
