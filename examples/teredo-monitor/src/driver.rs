@@ -341,7 +341,7 @@ pub fn driver_unload<'t, S: PortSource>(
                  no callback runs any more"
             ),
             Err(error) => {
-                log!("DriverUnload: cancel failed: {error}; the handle table teardown retries it")
+                log!("DriverUnload: cancel failed: {error}; the handle table teardown retries it");
             }
         }
         (true, notifications, Some(result))
