@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `wdk.rs` | `wdk` | windows-drivers-rs: `wdk-alloc`, `wdk-panic`, `wdk::println!`, `wdk-sys` |
 //! | `host.rs` | `host-mock` | `std` standard output, for the demo and the tests |
+//! | `shim.rs` | `kernel-shim` | ntoskrnl directly (pool, `DbgPrint`, `KeBugCheckEx`), for the loader harness |
 //!
 //! Without either (`--no-default-features`), `log` discards its input, so the driver logic
 //! alone can be type-checked for the Windows target.
@@ -24,8 +25,15 @@ pub mod host;
 #[cfg(feature = "host-mock")]
 pub(crate) use self::host::log;
 
+#[cfg(feature = "kernel-shim")]
+mod shim;
+#[cfg(feature = "kernel-shim")]
+pub(crate) use self::shim::log;
+#[cfg(all(feature = "kernel-shim", any(feature = "wdk", feature = "host-mock")))]
+compile_error!("teredo-monitor: `kernel-shim` is a platform of its own: use `--no-default-features`");
+
 /// No platform: the output is discarded (type-checking configuration only).
-#[cfg(not(any(feature = "wdk", feature = "host-mock")))]
+#[cfg(not(any(feature = "wdk", feature = "host-mock", feature = "kernel-shim")))]
 #[allow(
     clippy::needless_pass_by_value,
     reason = "same signature as the real bindings"
