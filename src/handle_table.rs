@@ -11,7 +11,13 @@
 //! Cancelling` (whoever takes the handle under the lock cancels it: no double cancel) `->`
 //! `Free` (the watcher's own cancel) or `Cancelled` (the teardown's, until the watcher is
 //! dropped). A failed cancel puts the handle back to `Live`, so it can be retried.
+//!
+//! A watcher that cannot cancel (the cancel failed, it was dropped inside its own callback or
+//! above `PASSIVE_LEVEL`) gives its context up to the table: the entry is marked *orphaned*,
+//! and the teardown frees the context once its cancel has succeeded, so nothing is left
+//! allocated at unload.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
@@ -45,6 +51,9 @@ struct Entry<K: Kernel> {
     state: EntryState,
     tag: u32,
     registry: Option<RegistryPtr<K>>,
+    /// The watcher gave the registry up to the table (see [`HandleTable::orphan`]): the
+    /// teardown frees it after a successful cancel.
+    orphaned: bool,
 }
 
 struct Inner<K: Kernel> {
@@ -192,6 +201,13 @@ impl<S: PortSource> HandleTable<S> {
                     break;
                 };
                 index += 1;
+                if entry.orphaned && entry.state == EntryState::Cancelled {
+                    // Cancelled by an earlier teardown, then given up by its watcher.
+                    let orphan = free_entry(entry);
+                    drop(inner);
+                    free_orphan(orphan);
+                    continue;
+                }
                 let EntryState::Live(handle) = entry.state else {
                     continue;
                 };
@@ -215,6 +231,12 @@ impl<S: PortSource> HandleTable<S> {
             let mut inner = self.inner.lock();
             let entry = &mut inner.entries[index - 1];
             match result {
+                Ok(()) if entry.orphaned => {
+                    report.cancelled += 1;
+                    let orphan = free_entry(entry);
+                    drop(inner);
+                    free_orphan(orphan);
+                }
                 Ok(()) => {
                     entry.state = EntryState::Cancelled;
                     report.cancelled += 1;
@@ -233,6 +255,19 @@ impl<S: PortSource> HandleTable<S> {
     }
 
     /// Waits (at `PASSIVE_LEVEL`) until no registration or cancel is in progress.
+    /// The watcher owning entry `id` gives its registry up after it failed to release it (the
+    /// cancel failed, or could not be made): the registration stays in the table, and the
+    /// teardown frees the registry once the registration is cancelled.
+    ///
+    /// IRQL: `<= DISPATCH_LEVEL`.
+    pub(crate) fn orphan(&self, id: EntryId) {
+        let mut inner = self.inner.lock();
+        let entry = &mut inner.entries[id.index];
+        if entry.tag == id.tag && entry.state != EntryState::Free {
+            entry.orphaned = true;
+        }
+    }
+
     fn wait_while_in_progress(&self) {
         while self
             .inner
@@ -277,9 +312,7 @@ impl<S: PortSource> HandleTable<S> {
                 Ok(id)
             }
             Err(e) => {
-                entry.state = EntryState::Free;
-                entry.registry = None;
-                entry.tag = entry.tag.wrapping_add(1);
+                free_entry(entry);
                 let maybe_live = e.status().is_some_and(|s| s.0 == 0);
                 Err((e, maybe_live))
             }
@@ -301,6 +334,7 @@ impl<S: PortSource> HandleTable<S> {
                     let entry = &mut inner.entries[index];
                     entry.state = EntryState::Reserved;
                     entry.registry = Some(RegistryPtr(registry));
+                    entry.orphaned = false;
                     return Ok(EntryId {
                         index,
                         tag: entry.tag,
@@ -311,6 +345,7 @@ impl<S: PortSource> HandleTable<S> {
                         state: EntryState::Reserved,
                         tag: 0,
                         registry: Some(RegistryPtr(registry)),
+                        orphaned: false,
                     });
                     return Ok(EntryId {
                         index: inner.entries.len() - 1,
@@ -361,9 +396,7 @@ impl<S: PortSource> HandleTable<S> {
                         handle
                     }
                     EntryState::Cancelled => {
-                        entry.state = EntryState::Free;
-                        entry.registry = None;
-                        entry.tag = entry.tag.wrapping_add(1);
+                        free_entry(entry);
                         return Ok(());
                     }
                     EntryState::Cancelling => {
@@ -385,9 +418,7 @@ impl<S: PortSource> HandleTable<S> {
             let entry = &mut inner.entries[id.index];
             return match result {
                 Ok(()) => {
-                    entry.state = EntryState::Free;
-                    entry.registry = None;
-                    entry.tag = entry.tag.wrapping_add(1);
+                    free_entry(entry);
                     Ok(())
                 }
                 Err(e) => {
@@ -397,6 +428,30 @@ impl<S: PortSource> HandleTable<S> {
                 }
             };
         }
+    }
+}
+
+/// Frees `entry` (under the table lock); returns its registry if the watcher had given it up.
+fn free_entry<K: Kernel>(entry: &mut Entry<K>) -> Option<RegistryPtr<K>> {
+    entry.state = EntryState::Free;
+    entry.tag = entry.tag.wrapping_add(1);
+    let registry = entry.registry.take();
+    if core::mem::replace(&mut entry.orphaned, false) {
+        registry
+    } else {
+        None
+    }
+}
+
+/// Frees the registry of an orphaned entry whose registration is cancelled. Call it without
+/// the table lock: the subscribers' destructors run here.
+fn free_orphan<K: Kernel>(orphan: Option<RegistryPtr<K>>) {
+    if let Some(registry) = orphan {
+        // SAFETY: the registry came from `Box::leak` in `TeredoPortWatcher::create` (the only
+        // caller of `register`); its watcher gave it up (`orphan`) and never touches it again;
+        // its registration was cancelled successfully, so the OS no longer uses it and no
+        // callback runs; `free_entry` took the only pointer left out of the table.
+        drop(unsafe { Box::from_raw(registry.0.as_ptr()) });
     }
 }
 

@@ -8,7 +8,8 @@ use core::ptr::NonNull;
 use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
 use crate::handle_table::{EntryId, HandleTable};
-use crate::irql::{self, IrqlBound};
+use crate::irql::{self, Irql, IrqlBound};
+use crate::kernel::Kernel;
 use crate::registry::{Registry, RegistryStats, SubscriberId};
 use crate::source::PortSource;
 use crate::teredo::TeredoExceptions;
@@ -46,9 +47,10 @@ impl Default for WatcherOptions {
 /// - Dropping the watcher cancels the registration (`CancelMibChangeNotify2`, which waits
 ///   for a callback in flight), then frees the context. [`unregister`](Self::unregister)
 ///   does the same and returns the status.
-/// - Whenever a cancel cannot be done or fails, the context is leaked, never freed while
-///   the OS may use it; the handle stays in the [`HandleTable`], whose teardown cancels it.
-///   `mem::forget` on a watcher leaks in the same way. Nothing ever dangles.
+/// - Whenever a cancel cannot be done or fails, the context is never freed while the OS may
+///   use it: the handle stays in the [`HandleTable`], whose teardown cancels it and then
+///   frees the context. `mem::forget` on a watcher leaks the context (the teardown still
+///   cancels the registration). Nothing ever dangles.
 ///
 /// # Cancelling from inside a callback
 ///
@@ -323,14 +325,26 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// # Errors
     ///
     /// [`Error::CancelFromCallback`], [`Error::IrqlTooHigh`], or the status of
-    /// `CancelMibChangeNotify2`. On any error the context is leaked (never freed while the
-    /// OS may use it) and the handle stays in the table for its teardown to cancel.
+    /// `CancelMibChangeNotify2`. On any error the context is not freed here (never while the
+    /// OS may use it): the handle stays in the table, whose teardown cancels it and then frees
+    /// the context (at `<= DISPATCH_LEVEL`; above it the context is leaked).
     pub fn unregister(self) -> Result<(), Error> {
         let mut this = ManuallyDrop::new(self);
         this.release()
     }
 
     fn release(&mut self) -> Result<(), Error> {
+        let result = self.try_release();
+        // The callers (`unregister`, `Drop`) never use the watcher again: on failure, give the
+        // registry to the table, whose teardown frees it after cancelling. Above
+        // DISPATCH_LEVEL the table lock cannot be taken: the registry stays leaked.
+        if result.is_err() && <S::Kernel as Kernel>::current_irql() <= Irql::DISPATCH_LEVEL {
+            self.table.orphan(self.entry);
+        }
+        result
+    }
+
+    fn try_release(&mut self) -> Result<(), Error> {
         if self.registry().delivering_on_current_thread() {
             return Err(Error::CancelFromCallback);
         }
