@@ -13,9 +13,9 @@
 //! dropped). A failed cancel puts the handle back to `Live`, so it can be retried.
 //!
 //! A watcher that cannot cancel (the cancel failed, it was dropped inside its own callback or
-//! above `PASSIVE_LEVEL`) gives its context up to the table: the entry is marked *orphaned*,
-//! and the teardown frees the context once its cancel has succeeded, so nothing is left
-//! allocated at unload.
+//! above `PASSIVE_LEVEL`) gives its context (registry) up to the table by marking it
+//! *orphaned*; the teardown frees an orphaned context once its cancel has succeeded, so
+//! nothing is left allocated at unload.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -51,9 +51,6 @@ struct Entry<K: Kernel> {
     state: EntryState,
     tag: u32,
     registry: Option<RegistryPtr<K>>,
-    /// The watcher gave the registry up to the table (see [`HandleTable::orphan`]): the
-    /// teardown frees it after a successful cancel.
-    orphaned: bool,
 }
 
 struct Inner<K: Kernel> {
@@ -201,7 +198,7 @@ impl<S: PortSource> HandleTable<S> {
                     break;
                 };
                 index += 1;
-                if entry.orphaned && entry.state == EntryState::Cancelled {
+                if entry.state == EntryState::Cancelled && is_orphaned(entry) {
                     // Cancelled by an earlier teardown, then given up by its watcher.
                     let orphan = free_entry(entry);
                     drop(inner);
@@ -231,7 +228,7 @@ impl<S: PortSource> HandleTable<S> {
             let mut inner = self.inner.lock();
             let entry = &mut inner.entries[index - 1];
             match result {
-                Ok(()) if entry.orphaned => {
+                Ok(()) if is_orphaned(entry) => {
                     report.cancelled += 1;
                     let orphan = free_entry(entry);
                     drop(inner);
@@ -255,19 +252,6 @@ impl<S: PortSource> HandleTable<S> {
     }
 
     /// Waits (at `PASSIVE_LEVEL`) until no registration or cancel is in progress.
-    /// The watcher owning entry `id` gives its registry up after it failed to release it (the
-    /// cancel failed, or could not be made): the registration stays in the table, and the
-    /// teardown frees the registry once the registration is cancelled.
-    ///
-    /// IRQL: `<= DISPATCH_LEVEL`.
-    pub(crate) fn orphan(&self, id: EntryId) {
-        let mut inner = self.inner.lock();
-        let entry = &mut inner.entries[id.index];
-        if entry.tag == id.tag && entry.state != EntryState::Free {
-            entry.orphaned = true;
-        }
-    }
-
     fn wait_while_in_progress(&self) {
         while self
             .inner
@@ -334,7 +318,6 @@ impl<S: PortSource> HandleTable<S> {
                     let entry = &mut inner.entries[index];
                     entry.state = EntryState::Reserved;
                     entry.registry = Some(RegistryPtr(registry));
-                    entry.orphaned = false;
                     return Ok(EntryId {
                         index,
                         tag: entry.tag,
@@ -345,7 +328,6 @@ impl<S: PortSource> HandleTable<S> {
                         state: EntryState::Reserved,
                         tag: 0,
                         registry: Some(RegistryPtr(registry)),
-                        orphaned: false,
                     });
                     return Ok(EntryId {
                         index: inner.entries.len() - 1,
@@ -431,16 +413,24 @@ impl<S: PortSource> HandleTable<S> {
     }
 }
 
+/// Whether the watcher of `entry` gave its registry up. Called under the table lock, for an
+/// entry that is `Cancelled` or `Cancelling` by the caller.
+fn is_orphaned<K: Kernel>(entry: &Entry<K>) -> bool {
+    entry.registry.as_ref().is_some_and(|r| {
+        // SAFETY: the registry is alive: its watcher frees it only after moving the entry to
+        // `Free` under the table lock (held by the caller), and an orphaned registry is freed
+        // only by the teardown, after it has moved the entry to `Free` too.
+        unsafe { r.0.as_ref() }.is_orphaned()
+    })
+}
+
 /// Frees `entry` (under the table lock); returns its registry if the watcher had given it up.
 fn free_entry<K: Kernel>(entry: &mut Entry<K>) -> Option<RegistryPtr<K>> {
+    let orphaned = is_orphaned(entry);
     entry.state = EntryState::Free;
     entry.tag = entry.tag.wrapping_add(1);
     let registry = entry.registry.take();
-    if core::mem::replace(&mut entry.orphaned, false) {
-        registry
-    } else {
-        None
-    }
+    if orphaned { registry } else { None }
 }
 
 /// Frees the registry of an orphaned entry whose registration is cancelled. Call it without
@@ -448,7 +438,8 @@ fn free_entry<K: Kernel>(entry: &mut Entry<K>) -> Option<RegistryPtr<K>> {
 fn free_orphan<K: Kernel>(orphan: Option<RegistryPtr<K>>) {
     if let Some(registry) = orphan {
         // SAFETY: the registry came from `Box::leak` in `TeredoPortWatcher::create` (the only
-        // caller of `register`); its watcher gave it up (`orphan`) and never touches it again;
+        // caller of `register`); its watcher gave it up (`Registry::orphan`) and never touches
+        // it again;
         // its registration was cancelled successfully, so the OS no longer uses it and no
         // callback runs; `free_entry` took the only pointer left out of the table.
         drop(unsafe { Box::from_raw(registry.0.as_ptr()) });

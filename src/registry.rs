@@ -48,7 +48,7 @@ use crate::event::{TeredoEvent, TeredoPort};
 use crate::irql::{self, IrqlBound};
 use crate::kernel::{Kernel, SpinLock};
 use crate::sync::UnsafeCell;
-use crate::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 const FREE: u8 = 0;
 const INIT: u8 = 1;
@@ -211,6 +211,9 @@ pub(crate) struct Registry<K: Kernel> {
     deliverer: AtomicUsize,
     high_water: AtomicUsize,
     overlapping: AtomicU64,
+    /// Set by a watcher that failed to cancel and gave the registry up to the handle table,
+    /// whose teardown frees it after cancelling (an atomic: any IRQL, no lock).
+    orphaned: AtomicBool,
     slots: Box<[Slot]>,
     books: SpinLock<K, Books>,
 }
@@ -241,6 +244,7 @@ impl<K: Kernel> Registry<K> {
             deliverer: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
             overlapping: AtomicU64::new(0),
+            orphaned: AtomicBool::new(false),
             slots: slots.into_boxed_slice(),
             books: SpinLock::new(Books {
                 free_head: if capacity == 0 { NONE } else { 0 },
@@ -248,6 +252,16 @@ impl<K: Kernel> Registry<K> {
                 live: 0,
             }),
         })
+    }
+
+    /// Marks the registry as given up by its watcher (see the `orphaned` field).
+    pub(crate) fn orphan(&self) {
+        self.orphaned.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the watcher gave the registry up.
+    pub(crate) fn is_orphaned(&self) -> bool {
+        self.orphaned.load(Ordering::SeqCst)
     }
 
     /// The last known port: one atomic load, any IRQL `<= DISPATCH_LEVEL`.

@@ -8,8 +8,7 @@ use core::ptr::NonNull;
 use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
 use crate::handle_table::{EntryId, HandleTable};
-use crate::irql::{self, Irql, IrqlBound};
-use crate::kernel::Kernel;
+use crate::irql::{self, IrqlBound};
 use crate::registry::{Registry, RegistryStats, SubscriberId};
 use crate::source::PortSource;
 use crate::teredo::TeredoExceptions;
@@ -327,7 +326,7 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// [`Error::CancelFromCallback`], [`Error::IrqlTooHigh`], or the status of
     /// `CancelMibChangeNotify2`. On any error the context is not freed here (never while the
     /// OS may use it): the handle stays in the table, whose teardown cancels it and then frees
-    /// the context (at `<= DISPATCH_LEVEL`; above it the context is leaked).
+    /// the context.
     pub fn unregister(self) -> Result<(), Error> {
         let mut this = ManuallyDrop::new(self);
         this.release()
@@ -336,10 +335,10 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     fn release(&mut self) -> Result<(), Error> {
         let result = self.try_release();
         // The callers (`unregister`, `Drop`) never use the watcher again: on failure, give the
-        // registry to the table, whose teardown frees it after cancelling. Above
-        // DISPATCH_LEVEL the table lock cannot be taken: the registry stays leaked.
-        if result.is_err() && <S::Kernel as Kernel>::current_irql() <= Irql::DISPATCH_LEVEL {
-            self.table.orphan(self.entry);
+        // registry to the table, whose teardown frees it after cancelling (an atomic store:
+        // fine at any IRQL).
+        if result.is_err() {
+            self.registry().orphan();
         }
         result
     }
