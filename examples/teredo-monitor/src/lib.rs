@@ -18,10 +18,12 @@
 //!     and `NTSTATUS`), the exported `DriverEntry` and the `DriverUnload` routine, and the
 //!     driver's statics over the real netio (`NetioPortSource`);
 //!   - `platform/host.rs` (feature `host-mock`): `std` output for [`log!`], for the scripted
-//!     scenario of `src/bin/teredo-monitor-demo.rs` on `teredo_watcher::mock::MockNetio`.
+//!     scenario of `src/bin/teredo-monitor-demo.rs` on `teredo_watcher::mock::MockNetio`;
+//!   - `platform/shim.rs` (feature `kernel-shim`): ntoskrnl routines directly in place of the
+//!     windows-drivers-rs crates, for the `.sys` the loader harness links on Linux.
 //!
-//!   A third binding (for instance a minimal kernel shim for a loader harness) is one more
-//!   file beside these two that provides `log` and the entry points.
+//!   Each binding provides `log` and, for a driver image, the entry points, which call the
+//!   same [`driver`] functions.
 //!
 //! # Features
 //!
@@ -29,6 +31,7 @@
 //! |---|---|---|
 //! | `wdk` (default) | the real driver | a Windows host with the WDK only (`wdk-build` refuses others) |
 //! | `host-mock` | std + the library's mock | any host; use with `--no-default-features` |
+//! | `kernel-shim` | ntoskrnl directly (pool, `DbgPrint`, `KeBugCheckEx`) | `x86_64-pc-windows-msvc`, with `--no-default-features` |
 //! | none | no platform: the driver logic alone | type-checks for `x86_64-pc-windows-msvc` as an rlib |
 #![cfg_attr(not(feature = "host-mock"), no_std)]
 #![warn(missing_docs)]
