@@ -262,6 +262,7 @@ fn unload_waits_for_a_callback_in_flight_and_nothing_runs_afterwards() {
         netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
         host::wait_until_held();
         let releaser = std::thread::spawn(|| {
+            host::wait_for_lines_by_holder(1);
             std::thread::sleep(std::time::Duration::from_millis(100));
             assert!(
                 host::callback_held(),

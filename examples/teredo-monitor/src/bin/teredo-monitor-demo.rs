@@ -146,6 +146,9 @@ fn run(netio: &MockNetio) -> Observed {
     host::wait_until_held();
     scenario("the OS unloads the driver (DriverUnload) while that callback is in flight");
     let releaser = thread::spawn(|| {
+        // Once DriverUnload has logged that it is cancelling, give it time to block in
+        // CancelMibChangeNotify2, then let the callback go on.
+        host::wait_for_lines_by_holder(1);
         thread::sleep(Duration::from_millis(200));
         scenario("(200 ms later) the held callback finishes its work");
         host::release_held_callback();

@@ -58,6 +58,7 @@ impl fmt::Write for LineBuffer {
 struct HostState {
     capture: Option<Vec<String>>,
     hold_armed_by: Option<ThreadId>,
+    lines_by_holder: usize,
     held: bool,
     release: bool,
     unloaded_by: Option<ThreadId>,
@@ -73,6 +74,7 @@ static SHARED: Shared = Shared {
     state: Mutex::new(HostState {
         capture: None,
         hold_armed_by: None,
+        lines_by_holder: 0,
         held: false,
         release: false,
         unloaded_by: None,
@@ -109,6 +111,10 @@ pub(crate) fn log(args: fmt::Arguments<'_>) {
         let _ = writeln!(out, "[driver] {}", line.as_str());
         let _ = out.flush();
     }
+    if s.hold_armed_by == Some(me) {
+        s.lines_by_holder += 1;
+        SHARED.changed.notify_all();
+    }
     if s.hold_armed_by.is_some_and(|t| t != me) && !s.held {
         // A callback is inside driver code: keep it there until released.
         s.held = true;
@@ -138,6 +144,7 @@ pub fn take_captured() -> Vec<String> {
 pub fn hold_next_callback() {
     let mut s = state();
     s.hold_armed_by = Some(thread::current().id());
+    s.lines_by_holder = 0;
     s.held = false;
     s.release = false;
 }
@@ -146,6 +153,15 @@ pub fn hold_next_callback() {
 pub fn wait_until_held() {
     let mut s = state();
     while !s.held {
+        s = wait(s);
+    }
+}
+
+/// Waits (on another thread) until the thread that armed the hold has logged `count` lines
+/// since arming it: for instance the `DriverUnload` line that precedes the cancel.
+pub fn wait_for_lines_by_holder(count: usize) {
+    let mut s = state();
+    while s.lines_by_holder < count {
         s = wait(s);
     }
 }
@@ -183,6 +199,7 @@ pub fn reset() {
     s.unloaded_by = None;
     s.late_lines = 0;
     s.hold_armed_by = None;
+    s.lines_by_holder = 0;
     s.held = false;
     s.release = false;
 }
