@@ -30,7 +30,9 @@ mod shim;
 #[cfg(feature = "kernel-shim")]
 pub(crate) use self::shim::log;
 #[cfg(all(feature = "kernel-shim", any(feature = "wdk", feature = "host-mock")))]
-compile_error!("teredo-monitor: `kernel-shim` is a platform of its own: use `--no-default-features`");
+compile_error!(
+    "teredo-monitor: `kernel-shim` is a platform of its own: use `--no-default-features`"
+);
 
 /// No platform: the output is discarded (type-checking configuration only).
 #[cfg(not(any(feature = "wdk", feature = "host-mock", feature = "kernel-shim")))]
