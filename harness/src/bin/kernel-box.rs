@@ -1,0 +1,2 @@
+//! The main job: see `docs/harness.md`.
+fn main() {}

@@ -1,0 +1,287 @@
+//! Maps a PE image the way the Windows loader does: sections at their RVAs in fresh memory
+//! at a base of the host's choosing (never the preferred one), base relocations applied,
+//! every import bound to a host function, section protections set.
+
+use core::ffi::c_void;
+use std::fmt;
+
+use goblin::pe::PE;
+use goblin::pe::relocation::{IMAGE_REL_BASED_ABSOLUTE, IMAGE_REL_BASED_DIR64};
+use goblin::pe::section_table::{
+    IMAGE_SCN_MEM_EXECUTE, IMAGE_SCN_MEM_READ, IMAGE_SCN_MEM_WRITE,
+};
+
+/// Why an image could not be loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadError {
+    /// The bytes are not a PE32+ AMD64 image.
+    Format(String),
+    /// Imports no host function provides, as `(module, name)`, all of them.
+    UnresolvedImports(Vec<(String, String)>),
+    /// A base relocation of a type this loader does not apply, or out of bounds.
+    Relocation(String),
+    /// The host refused the memory.
+    Map(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Format(m) => write!(f, "bad image: {m}"),
+            LoadError::UnresolvedImports(list) => {
+                f.write_str("unresolved imports:")?;
+                for (module, name) in list {
+                    write!(f, " {module}!{name}")?;
+                }
+                Ok(())
+            }
+            LoadError::Relocation(m) => write!(f, "relocation: {m}"),
+            LoadError::Map(m) => write!(f, "mapping: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// A mapped image.
+///
+/// # Invariants
+///
+/// `base` is the start of a private mapping of `size` bytes owned by this value, holding
+/// the relocated, bound image; it is unmapped exactly once, on drop.
+#[derive(Debug)]
+pub struct LoadedImage {
+    base: *mut u8,
+    size: usize,
+    preferred_base: u64,
+    entry_rva: u32,
+    relocations_applied: usize,
+    imports_bound: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing about it is tied to the
+// thread that created it.
+unsafe impl Send for LoadedImage {}
+// SAFETY: `&LoadedImage` only reads the fields and hands out addresses.
+unsafe impl Sync for LoadedImage {}
+
+impl LoadedImage {
+    /// Where the image was mapped.
+    #[must_use]
+    pub fn base(&self) -> usize {
+        self.base.addr()
+    }
+
+    /// `SizeOfImage`.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The base the image was linked for.
+    #[must_use]
+    pub fn preferred_base(&self) -> u64 {
+        self.preferred_base
+    }
+
+    /// The address of the entry point.
+    #[must_use]
+    pub fn entry(&self) -> usize {
+        self.base() + self.entry_rva as usize
+    }
+
+    /// How many `DIR64` relocations were applied.
+    #[must_use]
+    pub fn relocations_applied(&self) -> usize {
+        self.relocations_applied
+    }
+
+    /// How many import slots were bound.
+    #[must_use]
+    pub fn imports_bound(&self) -> usize {
+        self.imports_bound
+    }
+
+    /// Whether `address` lies inside the image.
+    #[must_use]
+    pub fn contains(&self, address: usize) -> bool {
+        (self.base()..self.base() + self.size).contains(&address)
+    }
+
+    /// Makes the whole image inaccessible, as an unloaded image is: any later call into it
+    /// faults instead of running stale code. The memory stays reserved until drop.
+    pub fn retire(&self) {
+        // SAFETY: `base..base+size` is our own mapping (type invariant); changing its
+        // protection does not invalidate any Rust reference (none point into it).
+        let rc = unsafe { libc::mprotect(self.base.cast(), self.size, libc::PROT_NONE) };
+        assert_eq!(rc, 0, "mprotect(PROT_NONE) of the image failed");
+    }
+}
+
+impl Drop for LoadedImage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours and unmapped only here (type invariant).
+        unsafe { libc::munmap(self.base.cast::<c_void>(), self.size) };
+    }
+}
+
+/// Page protection for a section's characteristics.
+fn protection(characteristics: u32) -> i32 {
+    let mut prot = libc::PROT_NONE;
+    if characteristics & IMAGE_SCN_MEM_READ != 0 {
+        prot |= libc::PROT_READ;
+    }
+    if characteristics & IMAGE_SCN_MEM_WRITE != 0 {
+        prot |= libc::PROT_WRITE;
+    }
+    if characteristics & IMAGE_SCN_MEM_EXECUTE != 0 {
+        prot |= libc::PROT_EXEC | libc::PROT_READ;
+    }
+    prot
+}
+
+/// Maps `bytes` and binds each import through `resolve(module, name)`.
+///
+/// # Errors
+///
+/// See [`LoadError`]; every unresolved import is listed with its module.
+pub fn load(
+    bytes: &[u8],
+    resolve: &dyn Fn(&str, &str) -> Option<usize>,
+) -> Result<LoadedImage, LoadError> {
+    let pe = PE::parse(bytes).map_err(|e| LoadError::Format(e.to_string()))?;
+    if pe.header.coff_header.machine != crate::pe::MACHINE_AMD64 || !pe.is_64 {
+        return Err(LoadError::Format("not a PE32+ AMD64 image".into()));
+    }
+    let optional = pe
+        .header
+        .optional_header
+        .ok_or_else(|| LoadError::Format("no optional header".into()))?;
+    let size = optional.windows_fields.size_of_image as usize;
+    let headers = (optional.windows_fields.size_of_headers as usize).min(bytes.len());
+
+    // Resolve everything before mapping anything: the error names every missing import.
+    let mut bindings = Vec::with_capacity(pe.imports.len());
+    let mut missing = Vec::new();
+    for import in &pe.imports {
+        match resolve(import.dll, &import.name) {
+            Some(address) => bindings.push((import.offset, address)),
+            None => missing.push((import.dll.to_owned(), import.name.to_string())),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(LoadError::UnresolvedImports(missing));
+    }
+
+    // SAFETY: a fresh anonymous private mapping at an address of the kernel's choosing;
+    // no existing memory is affected.
+    let base = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(LoadError::Map(std::io::Error::last_os_error().to_string()));
+    }
+    // INVARIANT: `base` is a fresh mapping of `size` bytes, owned from here on (dropping
+    // `image` on an error path unmaps it).
+    let mut image = LoadedImage {
+        base: base.cast(),
+        size,
+        preferred_base: pe.image_base,
+        entry_rva: pe.entry,
+        relocations_applied: 0,
+        imports_bound: 0,
+    };
+    if image.base() as u64 == pe.image_base {
+        return Err(LoadError::Map("mapped at the preferred base by chance".into()));
+    }
+
+    // SAFETY (for `window` below): every call checks `offset + len <= size` first, so the
+    // slice lies inside our writable mapping, which nothing else references.
+    let window = |offset: usize, len: usize| -> Result<&mut [u8], LoadError> {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(LoadError::Format(format!(
+                "{len} bytes at RVA {offset:#x} outside SizeOfImage {size:#x}"
+            )));
+        }
+        // SAFETY: in bounds of the mapping (checked above), writable, and not aliased by any
+        // other live reference (each window is used and dropped before the next).
+        Ok(unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>().add(offset), len) })
+    };
+
+    window(0, headers)?.copy_from_slice(&bytes[..headers]);
+    for section in &pe.sections {
+        let raw = section.size_of_raw_data.min(section.virtual_size) as usize;
+        let from = section.pointer_to_raw_data as usize;
+        let data = bytes
+            .get(from..from + raw)
+            .ok_or_else(|| LoadError::Format("section data outside the file".into()))?;
+        window(section.virtual_address as usize, raw)?.copy_from_slice(data);
+    }
+
+    let delta = (image.base() as u64).wrapping_sub(pe.image_base);
+    if let Some(relocations) = &pe.relocation_data {
+        for block in relocations.blocks() {
+            let block = block.map_err(|e| LoadError::Relocation(e.to_string()))?;
+            for word in block.words() {
+                let word = word.map_err(|e| LoadError::Relocation(e.to_string()))?;
+                match u16::from(word.reloc_type()) {
+                    IMAGE_REL_BASED_ABSOLUTE => {}
+                    IMAGE_REL_BASED_DIR64 => {
+                        let at = block.rva as usize + usize::from(word.offset());
+                        let slot = window(at, 8)?;
+                        let value = u64::from_le_bytes(slot[..8].try_into().unwrap_or([0; 8]));
+                        slot.copy_from_slice(&value.wrapping_add(delta).to_le_bytes());
+                        image.relocations_applied += 1;
+                    }
+                    other => {
+                        return Err(LoadError::Relocation(format!(
+                            "type {other} at block {:#x} is not applied by this loader",
+                            block.rva
+                        )));
+                    }
+                }
+            }
+        }
+    } else if delta != 0 {
+        return Err(LoadError::Relocation(
+            "no base relocations: the image cannot move".into(),
+        ));
+    }
+
+    for (slot_rva, address) in bindings {
+        window(slot_rva, 8)?.copy_from_slice(&(address as u64).to_le_bytes());
+        image.imports_bound += 1;
+    }
+
+    // Headers read-only; each section as its characteristics say.
+    let page = 4096;
+    // SAFETY: protections of our own mapping only; no Rust reference points into it.
+    unsafe { libc::mprotect(base, headers.div_ceil(page) * page, libc::PROT_READ) };
+    for section in &pe.sections {
+        let start = section.virtual_address as usize;
+        let len = (section.virtual_size as usize).div_ceil(page) * page;
+        if start + len > size {
+            return Err(LoadError::Format("section outside SizeOfImage".into()));
+        }
+        // SAFETY: `start..start+len` lies inside our mapping (checked above); no Rust
+        // reference points into it.
+        let rc = unsafe {
+            libc::mprotect(
+                base.cast::<u8>().add(start).cast(),
+                len,
+                protection(section.characteristics),
+            )
+        };
+        if rc != 0 {
+            return Err(LoadError::Map(std::io::Error::last_os_error().to_string()));
+        }
+    }
+    Ok(image)
+}

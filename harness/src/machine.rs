@@ -1,0 +1,294 @@
+//! A machine: one loaded image, the kernel model reset for it, and the I/O manager's part
+//! (a `DRIVER_OBJECT`, a registry path, `DriverEntry` and `DriverUnload` at
+//! `PASSIVE_LEVEL`).
+//!
+//! Everything that runs driver code runs on a thread of its own ([`Machine::spawn`]): a
+//! bugcheck halts that thread for good, and the caller gets [`Stop::Bugcheck`] instead of
+//! hanging; a call that does not come back in time is [`Stop::Hang`].
+
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::kernel::{self, Bugcheck};
+use crate::loader::{self, LoadError, LoadedImage};
+
+/// Offset of `DriverUnload` in the x64 `DRIVER_OBJECT`.
+pub const DRIVER_UNLOAD_OFFSET: usize = 0x68;
+/// Size of the x64 `DRIVER_OBJECT`.
+pub const DRIVER_OBJECT_SIZE: usize = 0x150;
+/// `IO_TYPE_DRIVER`.
+const IO_TYPE_DRIVER: u16 = 4;
+
+/// Why a call into the driver did not return a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The machine bugchecked.
+    Bugcheck(Bugcheck),
+    /// The call did not return within the timeout.
+    Hang {
+        /// What was called.
+        what: String,
+        /// How long the harness waited.
+        waited: Duration,
+    },
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Bugcheck(b) => write!(f, "{b}"),
+            Stop::Hang { what, waited } => write!(f, "{what} did not return in {waited:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Stop {}
+
+/// Only one machine at a time: the kernel model is global, like a kernel.
+static ONE_MACHINE: Mutex<()> = Mutex::new(());
+
+/// `UNICODE_STRING`.
+#[repr(C)]
+struct UnicodeString {
+    length: u16,
+    maximum_length: u16,
+    buffer: *const u16,
+}
+
+/// A booted machine with the driver image mapped (not yet started).
+pub struct Machine {
+    image: LoadedImage,
+    driver_object: Box<[u64; DRIVER_OBJECT_SIZE / 8]>,
+    registry_path: Box<UnicodeString>,
+    _registry_path_buffer: Vec<u16>,
+    timeout: Duration,
+    _one: MutexGuard<'static, ()>,
+}
+
+/// A call into the driver running on its own thread.
+pub struct Cpu<T> {
+    what: String,
+    receiver: mpsc::Receiver<T>,
+}
+
+impl Machine {
+    /// Resets the kernel model and maps `sys` at a base of the host's choosing.
+    ///
+    /// `echo` prints the debugger output as it happens (the main job).
+    ///
+    /// # Errors
+    ///
+    /// The loader's error, for instance every unresolved import with its module.
+    pub fn boot(sys: &[u8], echo: bool) -> Result<Machine, LoadError> {
+        let one = ONE_MACHINE.lock().unwrap_or_else(PoisonError::into_inner);
+        kernel::reset((0, 0), echo);
+        let image = loader::load(sys, &kernel::resolve)?;
+        kernel::reset((image.base(), image.size()), echo);
+        let buffer: Vec<u16> =
+            "\\Registry\\Machine\\System\\CurrentControlSet\\Services\\teredo_monitor"
+                .encode_utf16()
+                .collect();
+        let bytes = u16::try_from(buffer.len() * 2).unwrap_or(u16::MAX);
+        let registry_path = Box::new(UnicodeString {
+            length: bytes,
+            maximum_length: bytes,
+            buffer: buffer.as_ptr(),
+        });
+        let mut driver_object = Box::new([0u64; DRIVER_OBJECT_SIZE / 8]);
+        // Type, Size; DriverStart (0x18), DriverSize (0x20), DriverInit (0x58).
+        driver_object[0] = u64::from(IO_TYPE_DRIVER) | ((DRIVER_OBJECT_SIZE as u64) << 16);
+        driver_object[0x18 / 8] = image.base() as u64;
+        driver_object[0x20 / 8] = image.size() as u64;
+        driver_object[0x58 / 8] = image.entry() as u64;
+        Ok(Machine {
+            image,
+            driver_object,
+            registry_path,
+            _registry_path_buffer: buffer,
+            timeout: Duration::from_secs(20),
+            _one: one,
+        })
+    }
+
+    /// The mapped image.
+    #[must_use]
+    pub fn image(&self) -> &LoadedImage {
+        &self.image
+    }
+
+    /// Runs `f` on a new thread at `irql` (a "processor" of the machine).
+    ///
+    /// # Panics
+    ///
+    /// If the host cannot create a thread.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        what: &str,
+        irql: u8,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Cpu<T> {
+        let (sender, receiver) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(what.to_owned())
+            .spawn(move || {
+                kernel::set_irql(irql);
+                let _ = sender.send(f());
+            })
+            .expect("spawn a harness thread");
+        Cpu {
+            what: what.to_owned(),
+            receiver,
+        }
+    }
+
+    /// Waits for a call started with [`spawn`](Self::spawn).
+    ///
+    /// # Errors
+    ///
+    /// [`Stop::Bugcheck`] when the machine stopped, [`Stop::Hang`] after the timeout.
+    pub fn join<T>(&self, cpu: Cpu<T>) -> Result<T, Stop> {
+        let start = Instant::now();
+        loop {
+            match cpu.receiver.recv_timeout(Duration::from_millis(10)) {
+                Ok(value) => return Ok(value),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // The thread ended without a value: a panic of the model itself.
+                    return Err(Stop::Hang {
+                        what: format!("{} (harness thread panicked)", cpu.what),
+                        waited: start.elapsed(),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if let Some(stop) = kernel::stopped() {
+                return Err(Stop::Bugcheck(stop));
+            }
+            if start.elapsed() > self.timeout {
+                return Err(Stop::Hang {
+                    what: cpu.what,
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// [`spawn`](Self::spawn) then [`join`](Self::join).
+    ///
+    /// # Errors
+    ///
+    /// As [`join`](Self::join).
+    pub fn on_cpu<T: Send + 'static>(
+        &self,
+        what: &str,
+        irql: u8,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Stop> {
+        let cpu = self.spawn(what, irql, f);
+        self.join(cpu)
+    }
+
+    fn driver_object_address(&self) -> usize {
+        self.driver_object.as_ptr().expose_provenance()
+    }
+
+    /// Calls `DriverEntry(DriverObject, RegistryPath)` at `PASSIVE_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// See [`Stop`].
+    pub fn driver_entry(&self) -> Result<i32, Stop> {
+        self.driver_entry_at(kernel::PASSIVE_LEVEL)
+    }
+
+    /// Calls `DriverEntry` at `irql` (anything but `PASSIVE_LEVEL` breaks the I/O
+    /// manager's contract: for the IRQL violation scenario).
+    ///
+    /// # Errors
+    ///
+    /// See [`Stop`].
+    pub fn driver_entry_at(&self, irql: u8) -> Result<i32, Stop> {
+        let entry = self.image.entry();
+        let driver_object = self.driver_object_address();
+        let registry_path = std::ptr::from_ref::<UnicodeString>(&self.registry_path).expose_provenance();
+        self.on_cpu("DriverEntry", irql, move || {
+            // SAFETY: `entry` is the image's entry point, `DriverEntry`, an NTAPI function
+            // (`extern "system"`, the Windows x64 convention) of the mapped, relocated and
+            // bound image; the driver object and the registry path live in the machine,
+            // which outlives this call (the machine joins it or stops).
+            let entry = unsafe {
+                std::mem::transmute::<usize, extern "win64" fn(*mut u8, *const UnicodeString) -> i32>(
+                    entry,
+                )
+            };
+            entry(
+                core::ptr::with_exposed_provenance_mut(driver_object),
+                core::ptr::with_exposed_provenance(registry_path),
+            )
+        })
+    }
+
+    /// `DriverObject->DriverUnload` as `DriverEntry` left it.
+    #[must_use]
+    pub fn driver_unload_routine(&self) -> Option<usize> {
+        match self.driver_object[DRIVER_UNLOAD_OFFSET / 8] {
+            0 => None,
+            // The routine's address, as the driver stored it.
+            address => usize::try_from(address).ok(),
+        }
+    }
+
+    /// Calls `DriverUnload` at `PASSIVE_LEVEL` if `DriverEntry` set it, then retires the
+    /// image (any later call into it faults). Returns whether a routine was set.
+    ///
+    /// # Errors
+    ///
+    /// See [`Stop`].
+    pub fn driver_unload(&self) -> Result<bool, Stop> {
+        let Some(unload) = self.driver_unload_routine() else {
+            self.image.retire();
+            return Ok(false);
+        };
+        assert!(
+            self.image.contains(unload),
+            "DriverUnload {unload:#x} points outside the image"
+        );
+        let driver_object = self.driver_object_address();
+        self.on_cpu("DriverUnload", kernel::PASSIVE_LEVEL, move || {
+            // SAFETY: `unload` is the `DRIVER_UNLOAD` routine the driver stored in its
+            // driver object (checked to lie in the image), an NTAPI function; the driver
+            // object outlives the call.
+            let unload = unsafe {
+                std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload)
+            };
+            unload(core::ptr::with_exposed_provenance_mut(driver_object));
+        })?;
+        self.image.retire();
+        Ok(true)
+    }
+
+    /// Calls an exported function of the image that takes nothing and returns a `u32`.
+    ///
+    /// # Safety
+    ///
+    /// The export must be such a function, callable at `irql` now.
+    pub unsafe fn call_export_u32(&self, sys: &[u8], name: &str, irql: u8) -> Result<u32, Stop> {
+        let facts = goblin::pe::PE::parse(sys).ok();
+        let rva = facts
+            .as_ref()
+            .and_then(|pe| pe.exports.iter().find(|e| e.name == Some(name)).map(|e| e.rva));
+        let Some(rva) = rva else {
+            return Err(Stop::Hang {
+                what: format!("export {name} not found"),
+                waited: Duration::ZERO,
+            });
+        };
+        let address = self.image.base() + rva;
+        self.on_cpu(name, irql, move || {
+            // SAFETY: the caller guarantees the export has this signature and may be
+            // called at `irql` now.
+            let f = unsafe { std::mem::transmute::<usize, extern "win64" fn() -> u32>(address) };
+            f()
+        })
+    }
+}

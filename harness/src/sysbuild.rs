@@ -1,0 +1,120 @@
+//! Builds the example driver into a PE `.sys` with `rust-lld`, in this build step only.
+//!
+//! The Windows flow (cargo-make / `cargo wdk build` on a Windows host) gets its linker setup
+//! from `wdk-build`. None of the settings below are written to any `.cargo/config.toml`:
+//! they are passed on this one command line, with `--no-default-features --features
+//! kernel-shim` (no windows-drivers-rs crate in the graph), into a target directory of the
+//! harness's own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The Windows target the driver is built for.
+pub const TARGET: &str = "x86_64-pc-windows-msvc";
+
+/// The linker arguments of a kernel-mode driver image.
+pub const LINK_ARGS: [&str; 5] = [
+    "/SUBSYSTEM:NATIVE",
+    "/DRIVER",
+    "/ENTRY:DriverEntry",
+    "/NODEFAULTLIB",
+    "/RELEASE",
+];
+
+/// The repository root (the harness lives in `harness/`).
+#[must_use]
+pub fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Where the nested build puts its output: `TEREDO_HARNESS_SYS_TARGET_DIR` at run time if
+/// set, else the directory the build script chose beside this build's target directory.
+#[must_use]
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("TEREDO_HARNESS_SYS_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("TEREDO_HARNESS_SYS_TARGET_DIR")),
+        PathBuf::from,
+    )
+}
+
+/// The `cargo` command line that builds the `.sys`, without the program name.
+#[must_use]
+pub fn cargo_args() -> Vec<String> {
+    let manifest = repository_root().join("examples/teredo-monitor/Cargo.toml");
+    let rustflags = std::iter::once("\"-Clinker-flavor=lld-link\"".to_owned())
+        .chain(LINK_ARGS.iter().map(|a| format!("\"-Clink-arg={a}\"")))
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "build",
+        "--quiet",
+        "--release",
+        "--lib",
+        "--manifest-path",
+        &manifest.display().to_string(),
+        "--target",
+        TARGET,
+        "--no-default-features",
+        "--features",
+        "kernel-shim",
+        "--config",
+        &format!("target.{TARGET}.linker=\"rust-lld\""),
+        "--config",
+        &format!("target.{TARGET}.rustflags=[{rustflags}]"),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// Runs the nested build and copies the image to `<target dir>/teredo_monitor.sys`.
+///
+/// # Errors
+///
+/// The build's own output when it fails, or the I/O error.
+pub fn build_sys() -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target_dir = target_dir();
+    let output = Command::new(cargo)
+        .args(cargo_args())
+        .current_dir(repository_root())
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // The outer build's flags and wrappers (clippy's, coverage's) are not this build's.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the .sys failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let built = target_dir.join(TARGET).join("release/teredo_monitor.dll");
+    let sys = target_dir.join("teredo_monitor.sys");
+    std::fs::copy(&built, &sys).map_err(|e| format!("copying {}: {e}", built.display()))?;
+    Ok(sys)
+}
+
+/// The `.sys`, built once per process.
+///
+/// # Errors
+///
+/// As [`build_sys`]; the same error is returned to every caller.
+pub fn sys_image() -> Result<&'static [u8], String> {
+    static IMAGE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let path = build_sys()?;
+            std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+        })
+        .as_deref()
+        .map_err(Clone::clone)
+}
