@@ -4,7 +4,7 @@
 //! Generic over the library's [`PortSource`]: the Windows build instantiates it with the
 //! real netio (`teredo_watcher::nt::NetioPortSource`), the host demo and the tests with
 //! `teredo_watcher::mock::MockNetio`. Nothing here names a platform crate; output goes
-//! through [`log!`].
+//! through `log!`.
 //!
 //! # Lifecycle
 //!

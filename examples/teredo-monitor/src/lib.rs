@@ -11,13 +11,13 @@
 //! - [`driver`]: everything the driver *does* (state, the `DriverEntry` body with its
 //!   rollback, the `DriverUnload` body, event handling, exception tracking, NTSTATUS
 //!   mapping), generic over the library's [`PortSource`](teredo_watcher::PortSource). It logs
-//!   only through [`log!`], and names no platform crate.
+//!   only through `log!`, and names no platform crate.
 //! - `platform`: the only code that binds a platform. Exactly one is compiled:
 //!   - `platform/wdk.rs` (feature `wdk`, the default): the windows-drivers-rs crates
 //!     (`wdk-alloc` allocator, `wdk-panic` handler, `wdk::println!`, `wdk_sys::DRIVER_OBJECT`
 //!     and `NTSTATUS`), the exported `DriverEntry` and the `DriverUnload` routine, and the
 //!     driver's statics over the real netio (`NetioPortSource`);
-//!   - `platform/host.rs` (feature `host-mock`): `std` output for [`log!`], for the scripted
+//!   - `platform/host.rs` (feature `host-mock`): `std` output for `log!`, for the scripted
 //!     scenario of `src/bin/teredo-monitor-demo.rs` on `teredo_watcher::mock::MockNetio`;
 //!   - `platform/shim.rs` (feature `kernel-shim`): ntoskrnl routines directly in place of the
 //!     windows-drivers-rs crates, for the `.sys` the loader harness links on Linux.

@@ -1,7 +1,7 @@
-//! The host binding (feature `host-mock`): the target of [`log!`] on a development machine,
+//! The host binding (feature `host-mock`): the target of `log!` on a development machine,
 //! for the scripted scenario (`src/bin/teredo-monitor-demo.rs`) and the tests.
 //!
-//! [`log!`] formats into a 512-byte stack buffer, as `wdk::println!` does in the driver, so
+//! `log!` formats into a 512-byte stack buffer, as `wdk::println!` does in the driver, so
 //! the driver's callback path allocates nothing here either and the demo's allocation count
 //! covers only the driver, the library and the mock.
 //!
@@ -94,7 +94,7 @@ fn wait(guard: MutexGuard<'static, HostState>) -> MutexGuard<'static, HostState>
         .unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The target of [`log!`] on the host.
+/// The target of `log!` on the host.
 pub(crate) fn log(args: fmt::Arguments<'_>) {
     let mut line = LineBuffer::new();
     let _ = line.write_fmt(args);

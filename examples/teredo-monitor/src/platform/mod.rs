@@ -2,7 +2,7 @@
 //!
 //! Exactly one binding is compiled, chosen by feature. Each provides:
 //! - `log(fmt::Arguments)`: one line of driver output, without allocating, valid at
-//!   `DISPATCH_LEVEL` (the target of [`log!`]);
+//!   `DISPATCH_LEVEL` (the target of `log!`);
 //! - the entry points and the statics the OS calls into (driver builds only), which call
 //!   [`crate::driver::driver_entry`] and [`crate::driver::driver_unload`].
 //!

@@ -1,7 +1,7 @@
 //! The windows-drivers-rs binding: the real driver.
 //!
 //! Everything that names `wdk`, `wdk-sys`, `wdk-alloc` or `wdk-panic` is in this file:
-//! the global allocator, the panic handler, `wdk::println!` as the target of [`log!`], the
+//! the global allocator, the panic handler, `wdk::println!` as the target of `log!`, the
 //! exported `DriverEntry`, the `DriverUnload` routine, and the driver's two statics over the
 //! real netio. The driver's behaviour is in [`crate::driver`].
 
@@ -32,7 +32,7 @@ static TABLE: HandleTable<NetioPortSource> = HandleTable::new(NetioPortSource::n
 /// The driver's state between `DriverEntry` and `DriverUnload`: its one owned place.
 static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot::new();
 
-/// The target of [`log!`]: `DbgPrint` through `wdk::println!`, which formats into a stack
+/// The target of `log!`: `DbgPrint` through `wdk::println!`, which formats into a stack
 /// buffer (no allocation) and is valid up to `DIRQL`.
 pub(crate) fn log(args: fmt::Arguments<'_>) {
     ::wdk::println!("teredo-monitor: {args}");
