@@ -334,6 +334,8 @@ impl<K: Kernel> Registry<K> {
         self.deliverer
             .store(K::current_thread().raw(), Ordering::Relaxed);
 
+        // Dekker point: the CAS above, then the loads of `high_water` and slot states.
+        crate::sync::seq_cst_point();
         let high_water = self.high_water.load(Ordering::SeqCst);
         // `take` rather than slicing: no bounds check that could panic on the OS's thread.
         for slot in self.slots.iter().take(high_water) {
@@ -402,6 +404,8 @@ impl<K: Kernel> Registry<K> {
 
         let slot = &self.slots[index as usize];
         loop {
+            // Dekker point: the stores of the slot state (INIT) and `high_water`, then `state`.
+            crate::sync::seq_cst_point();
             let state = self.state.load(Ordering::SeqCst);
             slot.start_gen.store(gen_of(state), Ordering::Relaxed);
             if snapshot {
@@ -462,6 +466,8 @@ impl<K: Kernel> Registry<K> {
 
     /// Waits until the pass running now, if any, has ended.
     fn wait_for_pass(&self) {
+        // Dekker point: the caller's store of REMOVED, then `state`.
+        crate::sync::seq_cst_point();
         let seen = self.state.load(Ordering::SeqCst);
         if seen & ACTIVE == 0 {
             return;

@@ -18,6 +18,18 @@ pub(crate) fn spin_hint() {
     loom::thread::yield_now();
 }
 
+/// Marks the point between a `SeqCst` store and a `SeqCst` load of another location on which
+/// a Dekker-style argument rests (see the registry's module docs). A no-op in real builds:
+/// there the `SeqCst` operations themselves are ordered in the single total order. loom
+/// treats `SeqCst` loads, stores and read-modify-writes as `AcqRel` (loom README,
+/// "Unsupported features"; tokio-rs/loom#180), which would report executions the C++ memory
+/// model forbids; it does model `fence(SeqCst)` exactly, so under `--cfg loom` this is one.
+#[inline]
+pub(crate) fn seq_cst_point() {
+    #[cfg(loom)]
+    loom::sync::atomic::fence(atomic::Ordering::SeqCst);
+}
+
 /// `UnsafeCell` with the closure-based API of loom's, so access is tracked under loom.
 #[derive(Debug)]
 pub(crate) struct UnsafeCell<T>(

@@ -1,0 +1,578 @@
+//! loom models of the races the library's design rests on.
+//!
+//! Run with `.ci/loom` (`RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release
+//! --test loom`). Under `--cfg loom` the library's atomics, cells and spin lock (through
+//! `MockKernel`) are loom's, so loom explores the interleavings of the real registry, handle
+//! table and watcher code. The host `MockNetio` uses std threads and locks, which loom cannot
+//! control, so the models use [`LoomNetio`]: a small port source built on loom's `Mutex` and
+//! `Condvar` that keeps the documented contract (serialized callbacks through the real
+//! trampoline handed to `notify`; cancel waits for a callback in flight and never delivers
+//! afterwards; cancel from inside the same registration's callback fails instead of hanging).
+//!
+//! Subscribers record what they receive in a loom `UnsafeCell`, so two calls of one
+//! subscriber at once, or a call not ordered after the subscription, is reported by loom
+//! as a data race; a drop flag in each subscriber catches any call after it was freed.
+#![cfg(loom)]
+
+use std::ffi::c_void;
+use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+use std::time::Instant;
+
+use loom::cell::UnsafeCell;
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use loom::sync::{Arc, Condvar, Mutex};
+use loom::thread;
+
+use teredo_watcher::mock::MockKernel;
+use teredo_watcher::sys::{self, TeredoPortChangeCallback};
+use teredo_watcher::{
+    Error, HandleTable, Kernel, NetioCall, PortSource, RawHandle, TeredoEvent, TeredoPort,
+    TeredoPortWatcher, ThreadToken, WatcherOptions,
+};
+
+/// `STATUS_POSSIBLE_DEADLOCK`, as the host mock reports a self-cancel.
+const STATUS_POSSIBLE_DEADLOCK: i32 = 0xC000_0194_u32.cast_signed();
+
+/// The context pointer handed to `notify`, moved to the delivering thread.
+#[derive(Clone, Copy)]
+struct Context(*mut c_void);
+// SAFETY: the context is only handed back to the callback, which `PortSource::notify`'s
+// contract makes sound to call from any thread.
+unsafe impl Send for Context {}
+// SAFETY: as above; the pointer is only copied, never dereferenced here.
+unsafe impl Sync for Context {}
+
+struct Registration {
+    callback: TeredoPortChangeCallback,
+    context: Context,
+    cancelled: bool,
+    /// The thread running the callback now.
+    in_flight: Option<ThreadToken>,
+}
+
+#[derive(Default)]
+struct SourceState {
+    registrations: Vec<Registration>,
+    cancels: usize,
+    self_cancels: usize,
+}
+
+/// A loom-friendly port source (see the module docs).
+#[derive(Clone)]
+struct LoomNetio {
+    shared: Arc<(Mutex<SourceState>, Condvar)>,
+}
+
+impl LoomNetio {
+    fn new() -> Self {
+        LoomNetio {
+            shared: Arc::new((Mutex::new(SourceState::default()), Condvar::new())),
+        }
+    }
+
+    fn handle(index: usize) -> RawHandle {
+        RawHandle::new(index + 1).expect("non-zero")
+    }
+
+    /// The OS side: one notification to registration `handle`, if it is still live.
+    /// Returns whether the callback ran.
+    fn deliver(&self, handle: RawHandle, port: u16, kind: i32) -> bool {
+        let (lock, changed) = &*self.shared;
+        let index = handle.get() - 1;
+        let (callback, context) = {
+            let mut s = lock.lock().unwrap();
+            let reg = &mut s.registrations[index];
+            if reg.cancelled || reg.in_flight.is_some() {
+                return false;
+            }
+            reg.in_flight = Some(MockKernel::current_thread());
+            (reg.callback, reg.context)
+        };
+        // SAFETY: `notify`'s caller guaranteed the callback is sound to call until a cancel of
+        // this registration returns Ok; cancel waits for `in_flight` to clear, and this
+        // thread is the only one delivering to this registration (serialized).
+        unsafe { callback(context.0, port, kind) };
+        let mut s = lock.lock().unwrap();
+        s.registrations[index].in_flight = None;
+        changed.notify_all();
+        true
+    }
+
+    fn live(&self) -> usize {
+        let s = self.shared.0.lock().unwrap();
+        s.registrations.iter().filter(|r| !r.cancelled).count()
+    }
+
+    fn cancels(&self) -> (usize, usize) {
+        let s = self.shared.0.lock().unwrap();
+        (s.cancels, s.self_cancels)
+    }
+}
+
+// SAFETY: callbacks of one registration are serialized (`in_flight`), get the context given
+// to `notify`, run at the delivering thread's IRQL (PASSIVE_LEVEL under loom); cancel marks
+// the registration cancelled under the lock (no new delivery starts) and waits for the one
+// in flight; a failed cancel or notify leaves the state as it was.
+unsafe impl PortSource for LoomNetio {
+    type Kernel = MockKernel;
+
+    unsafe fn notify(
+        &self,
+        callback: TeredoPortChangeCallback,
+        context: *mut c_void,
+        initial_notification: bool,
+    ) -> Result<RawHandle, Error> {
+        assert!(!initial_notification, "the models do not use it");
+        let mut s = self.shared.0.lock().unwrap();
+        s.registrations.push(Registration {
+            callback,
+            context: Context(context),
+            cancelled: false,
+            in_flight: None,
+        });
+        Ok(Self::handle(s.registrations.len() - 1))
+    }
+
+    fn teredo_port(&self) -> Result<u16, Error> {
+        Err(Error::from_status(
+            NetioCall::GetTeredoPort,
+            sys::ERROR_NOT_READY,
+        ))
+    }
+
+    unsafe fn cancel(&self, handle: RawHandle) -> Result<(), Error> {
+        let (lock, changed) = &*self.shared;
+        let mut s = lock.lock().unwrap();
+        let index = handle.get() - 1;
+        let me = MockKernel::current_thread();
+        let reg = &mut s.registrations[index];
+        if reg.cancelled {
+            return Err(Error::from_status(
+                NetioCall::CancelMibChangeNotify2,
+                sys::ERROR_INVALID_HANDLE,
+            ));
+        }
+        if reg.in_flight == Some(me) {
+            s.self_cancels += 1;
+            return Err(Error::from_status(
+                NetioCall::CancelMibChangeNotify2,
+                STATUS_POSSIBLE_DEADLOCK,
+            ));
+        }
+        reg.cancelled = true;
+        s.cancels += 1;
+        while s.registrations[index].in_flight.is_some() {
+            s = changed.wait(s).unwrap();
+        }
+        Ok(())
+    }
+}
+
+const OPTIONS: WatcherOptions = WatcherOptions {
+    initial_notification: false,
+    max_subscribers: 2,
+    seed_current_port: false,
+};
+
+const PORT: u16 = 40_000;
+
+/// What a subscriber received, in a loom cell (see the module docs).
+struct Log(UnsafeCell<Vec<TeredoEvent>>);
+
+// SAFETY: the library never calls one subscriber from two threads at once, and orders its
+// calls (happens-before) with the subscription and the reclaim; loom checks every access
+// to the cell, so a violation fails the model instead of being undefined behaviour.
+unsafe impl Sync for Log {}
+
+impl Log {
+    fn new() -> Arc<Log> {
+        Arc::new(Log(UnsafeCell::new(Vec::new())))
+    }
+
+    fn push(&self, event: TeredoEvent) {
+        // SAFETY: see `impl Sync for Log`; loom tracks the access.
+        self.0.with_mut(|v| unsafe { (*v).push(event) });
+    }
+
+    fn read(&self) -> Vec<TeredoEvent> {
+        // SAFETY: called after every thread that could call the subscriber has been joined
+        // or has cancelled; loom tracks the access.
+        self.0.with(|v| unsafe { (*v).clone() })
+    }
+}
+
+/// Sets a flag when the subscriber owning it is freed.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A subscriber that records its events and fails the model if it runs after `stop` was set
+/// (by the test, once unsubscribe/drop returned) or after it was freed.
+fn subscriber(
+    log: &Arc<Log>,
+    stop: &Arc<AtomicBool>,
+    freed: &Arc<AtomicBool>,
+) -> impl FnMut(TeredoEvent) + Send + 'static {
+    let log = Arc::clone(log);
+    let stop = Arc::clone(stop);
+    let flag = DropFlag(Arc::clone(freed));
+    move |event| {
+        assert!(
+            !flag.0.load(Ordering::SeqCst),
+            "subscriber called after it was freed"
+        );
+        assert!(
+            !stop.load(Ordering::SeqCst),
+            "subscriber called after unsubscribe/drop returned"
+        );
+        log.push(event);
+    }
+}
+
+static ITERATIONS: StdAtomicUsize = StdAtomicUsize::new(0);
+
+/// Runs one model, counting and printing the interleavings loom explored.
+fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    ITERATIONS.store(0, std::sync::atomic::Ordering::SeqCst);
+    let started = Instant::now();
+    loom::model(move || {
+        ITERATIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        f();
+    });
+    let n = ITERATIONS.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n > 1, "{name}: loom explored a single interleaving");
+    println!(
+        "loom model {name}: {n} interleavings in {:.1?}",
+        started.elapsed()
+    );
+}
+
+/// Leaks `value` for one iteration, so that watchers borrowing it can move to loom threads.
+fn leak<T>(value: T) -> &'static T {
+    Box::leak(Box::new(value))
+}
+
+/// Frees what [`leak`] returned.
+///
+/// # Safety
+///
+/// Nothing borrows `value` any more.
+unsafe fn unleak<T>(value: &'static T) {
+    // SAFETY: `value` came from `Box::leak` and is no longer borrowed (caller's contract).
+    drop(unsafe { Box::from_raw(std::ptr::from_ref(value).cast_mut()) });
+}
+
+/// A notification races `subscribe_with_snapshot`: the subscriber sees the state once, in
+/// order, never an older port after a newer one, and ends with the newest port.
+#[test]
+fn notification_races_subscribe_with_snapshot() {
+    model("notification_races_subscribe_with_snapshot", || {
+        let netio = LoomNetio::new();
+        let table = HandleTable::new(netio.clone());
+        let watcher = TeredoPortWatcher::new(&table, OPTIONS).unwrap();
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || {
+                netio.deliver(LoomNetio::handle(0), PORT, sys::MIB_PARAMETER_NOTIFICATION)
+            })
+        };
+        let (log, stop, freed) = (Log::new(), Arc::default(), Arc::default());
+        let id = watcher
+            .subscribe_with_snapshot(subscriber(&log, &stop, &freed))
+            .unwrap();
+        assert!(os.join().unwrap(), "the registration was live");
+
+        let new = TeredoPort::new(PORT);
+        let events = log.read();
+        let allowed = [
+            // Subscribed before the notification.
+            vec![
+                TeredoEvent::Snapshot { port: None },
+                TeredoEvent::PortChanged { port: new },
+            ],
+            // After it.
+            vec![TeredoEvent::Snapshot { port: new }],
+            // During it: a second snapshot replaces the missed notification.
+            vec![
+                TeredoEvent::Snapshot { port: None },
+                TeredoEvent::Snapshot { port: new },
+            ],
+        ];
+        assert!(
+            allowed.contains(&events),
+            "events {events:?} port {:?} stats {:?}",
+            watcher.current_port(),
+            watcher.stats()
+        );
+        assert_eq!(watcher.current_port(), new);
+
+        watcher.unsubscribe(id).unwrap();
+        assert!(freed.load(Ordering::SeqCst), "unsubscribe freed it");
+        watcher.unregister().unwrap();
+        assert_eq!(netio.live(), 0);
+    });
+}
+
+/// A notification races `unsubscribe`: no call once unsubscribe returned, no call of a
+/// freed subscriber, and it is freed by the time unsubscribe returns.
+#[test]
+fn notification_races_unsubscribe() {
+    model("notification_races_unsubscribe", || {
+        let netio = LoomNetio::new();
+        let table = HandleTable::new(netio.clone());
+        let (log, stop, freed) = (Log::new(), Arc::new(AtomicBool::new(false)), Arc::default());
+        let (watcher, id) =
+            TeredoPortWatcher::with_subscriber(&table, OPTIONS, subscriber(&log, &stop, &freed))
+                .unwrap();
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || netio.deliver(LoomNetio::handle(0), PORT, sys::MIB_ADD_INSTANCE))
+        };
+        watcher.unsubscribe(id).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        assert!(freed.load(Ordering::SeqCst), "unsubscribe freed it");
+        assert!(os.join().unwrap(), "the registration was live");
+        // The pass ran either before the unsubscription took effect or skipped it.
+        let events = log.read();
+        assert!(
+            events.is_empty()
+                || events
+                    == [TeredoEvent::Added {
+                        port: TeredoPort::new(PORT)
+                    }],
+            "events {events:?}"
+        );
+        assert_eq!(watcher.current_port(), TeredoPort::new(PORT));
+        assert_eq!(watcher.unsubscribe(id), Err(Error::UnknownSubscriber));
+        drop(watcher);
+        assert_eq!(netio.live(), 0);
+    });
+}
+
+/// Dropping the watcher races a notification in flight: the drop waits for the callback,
+/// frees the context after it, and no callback runs afterwards.
+#[test]
+fn watcher_drop_races_notification() {
+    model("watcher_drop_races_notification", || {
+        let netio = LoomNetio::new();
+        let table = HandleTable::new(netio.clone());
+        let (log, stop, freed) = (Log::new(), Arc::new(AtomicBool::new(false)), Arc::default());
+        let (watcher, _id) =
+            TeredoPortWatcher::with_subscriber(&table, OPTIONS, subscriber(&log, &stop, &freed))
+                .unwrap();
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || {
+                netio.deliver(LoomNetio::handle(0), PORT, sys::MIB_PARAMETER_NOTIFICATION)
+            })
+        };
+        drop(watcher);
+        stop.store(true, Ordering::SeqCst);
+        assert!(freed.load(Ordering::SeqCst), "the drop freed the context");
+        assert_eq!(netio.live(), 0);
+        let delivered = os.join().unwrap();
+        let events = log.read();
+        assert_eq!(events.len(), usize::from(delivered), "events {events:?}");
+        assert_eq!(netio.cancels(), (1, 0));
+        assert_eq!(table.live_registrations(), 0);
+    });
+}
+
+type SharedWatcher = Arc<Mutex<Option<TeredoPortWatcher<'static, LoomNetio>>>>;
+
+/// A callback unregisters its own watcher (a self-cancel would deadlock in the OS) while the
+/// driver tears the table down: the watcher refuses without calling netio, the teardown
+/// cancels the registration once the callback is over and frees the context.
+#[test]
+fn self_cancel_from_callback_races_teardown() {
+    model("self_cancel_from_callback_races_teardown", || {
+        let netio = LoomNetio::new();
+        let table = leak(HandleTable::new(netio.clone()));
+        let shared: SharedWatcher = Arc::new(Mutex::new(None));
+        let outcome: Arc<Mutex<Option<Result<(), Error>>>> = Arc::new(Mutex::new(None));
+        let freed = Arc::new(AtomicBool::new(false));
+        let callback = {
+            let shared = Arc::clone(&shared);
+            let outcome = Arc::clone(&outcome);
+            let flag = DropFlag(Arc::clone(&freed));
+            move |_event: TeredoEvent| {
+                assert!(!flag.0.load(Ordering::SeqCst), "called after it was freed");
+                let taken = shared.lock().unwrap().take();
+                if let Some(watcher) = taken {
+                    *outcome.lock().unwrap() = Some(watcher.unregister());
+                }
+            }
+        };
+        let (watcher, _id) = TeredoPortWatcher::with_subscriber(table, OPTIONS, callback).unwrap();
+        *shared.lock().unwrap() = Some(watcher);
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || {
+                netio.deliver(LoomNetio::handle(0), PORT, sys::MIB_DELETE_INSTANCE)
+            })
+        };
+        let report = table.teardown().unwrap();
+        let delivered = os.join().unwrap();
+
+        assert_eq!(report.cancelled, 1, "{report:?}");
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(netio.live(), 0);
+        assert_eq!(
+            netio.cancels(),
+            (1, 0),
+            "no cancel from inside the callback"
+        );
+        let outcome = outcome.lock().unwrap().take();
+        if delivered {
+            assert_eq!(outcome, Some(Err(Error::CancelFromCallback)));
+            assert!(
+                freed.load(Ordering::SeqCst),
+                "the teardown freed the context"
+            );
+        } else {
+            assert_eq!(outcome, None);
+            // Still owned by the test: dropping it frees it without a second cancel.
+            let watcher = shared.lock().unwrap().take();
+            assert!(watcher.is_some());
+            drop(watcher);
+            assert!(freed.load(Ordering::SeqCst));
+            assert_eq!(netio.cancels(), (1, 0));
+        }
+        assert_eq!(table.live_registrations(), 0);
+        // SAFETY: the watcher is gone (dropped, or freed by the teardown), so nothing
+        // borrows the table.
+        unsafe { unleak(table) };
+    });
+}
+
+/// The handle table's teardown races a registration: either the registration is refused
+/// (`HandleTableClosed`) or the teardown waits for it and cancels it; none survives.
+#[test]
+fn teardown_races_registration() {
+    model("teardown_races_registration", || {
+        let netio = LoomNetio::new();
+        let table = leak(HandleTable::new(netio.clone()));
+        let freed = Arc::new(AtomicBool::new(false));
+        let registering = {
+            let freed = Arc::clone(&freed);
+            thread::spawn(move || {
+                let flag = DropFlag(freed);
+                TeredoPortWatcher::with_subscriber(table, OPTIONS, move |_| {
+                    let _ = &flag;
+                })
+                .map(|(w, _)| w)
+            })
+        };
+        let report = table.teardown().unwrap();
+        let created = registering.join().unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        // Nothing registered survives the teardown.
+        assert_eq!(netio.live(), 0);
+        match created {
+            Ok(watcher) => {
+                assert_eq!(report.cancelled, 1);
+                assert!(!freed.load(Ordering::SeqCst));
+                drop(watcher);
+                assert!(freed.load(Ordering::SeqCst));
+            }
+            Err(e) => {
+                assert_eq!(e, Error::HandleTableClosed);
+                assert_eq!(report.cancelled, 0);
+                assert!(
+                    freed.load(Ordering::SeqCst),
+                    "a refused registration frees all"
+                );
+            }
+        }
+        // One cancel at most: the drop after the teardown does not cancel again.
+        assert_eq!(netio.cancels().0, report.cancelled);
+        assert_eq!(table.live_registrations(), 0);
+        // SAFETY: the watcher (if any) is dropped and the thread joined: no borrower left.
+        unsafe { unleak(table) };
+    });
+}
+
+/// A subscriber unsubscribes another one from inside the callback (deferred reclaim) while a
+/// third thread subscribes (which reclaims deferred slots): the removed subscriber is never
+/// called after its removal and is freed exactly once, not while the pass may call it.
+#[test]
+fn unsubscribe_inside_callback_races_subscribe() {
+    model("unsubscribe_inside_callback_races_subscribe", || {
+        let netio = LoomNetio::new();
+        let table = leak(HandleTable::new(netio.clone()));
+        let options = WatcherOptions {
+            max_subscribers: 3,
+            ..OPTIONS
+        };
+        let watcher: &'static TeredoPortWatcher<'static, LoomNetio> =
+            leak(TeredoPortWatcher::new(table, options).unwrap());
+        // Subscriber B, to be removed by A.
+        let (log_b, stop_b, freed_b) =
+            (Log::new(), Arc::new(AtomicBool::new(false)), Arc::default());
+        // A runs first (lower slot) and removes B: B must then be skipped by the same pass.
+        let victim = Arc::new(AtomicUsize::new(0));
+        let removed: Arc<Mutex<Option<Result<(), Error>>>> = Arc::new(Mutex::new(None));
+        let id_b_slot: Arc<Mutex<Option<teredo_watcher::SubscriberId>>> =
+            Arc::new(Mutex::new(None));
+        let _a = {
+            let id_b_slot = Arc::clone(&id_b_slot);
+            let removed = Arc::clone(&removed);
+            let stop_b = Arc::clone(&stop_b);
+            let victim = Arc::clone(&victim);
+            watcher
+                .subscribe(move |_| {
+                    if let Some(id) = id_b_slot.lock().unwrap().take() {
+                        let r = watcher.unsubscribe(id);
+                        if r.is_ok() {
+                            stop_b.store(true, Ordering::SeqCst);
+                            victim.fetch_add(1, Ordering::SeqCst);
+                        }
+                        *removed.lock().unwrap() = Some(r);
+                    }
+                })
+                .unwrap()
+        };
+        let id_b = watcher
+            .subscribe(subscriber(&log_b, &stop_b, &freed_b))
+            .unwrap();
+        *id_b_slot.lock().unwrap() = Some(id_b);
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || netio.deliver(LoomNetio::handle(0), PORT, sys::MIB_ADD_INSTANCE))
+        };
+        // Meanwhile a new subscription reclaims deferred slots (waiting for the pass).
+        let (log_c, stop_c, freed_c) =
+            (Log::new(), Arc::new(AtomicBool::new(false)), Arc::default());
+        let id_c = watcher
+            .subscribe(subscriber(&log_c, &stop_c, &freed_c))
+            .unwrap();
+        assert!(os.join().unwrap());
+        assert_eq!(*removed.lock().unwrap(), Some(Ok(())));
+        assert_eq!(victim.load(Ordering::SeqCst), 1);
+        // B was removed inside the pass, before its own turn: never called.
+        assert!(log_b.read().is_empty(), "B called after its removal");
+        // C either caught the notification or subscribed after it.
+        assert!(log_c.read().len() <= 1);
+        // B's reclaim is deferred until a later call outside the pass; a subscription does it.
+        watcher.unsubscribe(id_c).unwrap();
+        stop_c.store(true, Ordering::SeqCst);
+        let (log_d, stop_d, freed_d) =
+            (Log::new(), Arc::new(AtomicBool::new(false)), Arc::default());
+        let _d = watcher
+            .subscribe(subscriber(&log_d, &stop_d, &freed_d))
+            .unwrap();
+        assert!(freed_b.load(Ordering::SeqCst), "B reclaimed");
+        assert!(freed_c.load(Ordering::SeqCst), "C freed by its unsubscribe");
+        // SAFETY: nothing else uses the watcher (the OS thread is joined); it was leaked by
+        // `leak` above.
+        unsafe { unleak(watcher) };
+        assert!(freed_d.load(Ordering::SeqCst));
+        assert_eq!(netio.live(), 0);
+        // SAFETY: the watcher is dropped: nothing borrows the table.
+        unsafe { unleak(table) };
+    });
+}
