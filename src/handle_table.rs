@@ -248,6 +248,9 @@ impl<S: PortSource> HandleTable<S> {
         // A watcher may have started its own cancel meanwhile: when teardown returns, no
         // cancel is in flight, so no callback can still be running.
         self.wait_while_in_progress();
+        // The guard is a temporary of this statement: the buffer is freed after it.
+        let unused = take_buffer_if_unused(&mut self.inner.lock());
+        drop(unused);
         Ok(report)
     }
 
@@ -297,6 +300,9 @@ impl<S: PortSource> HandleTable<S> {
             }
             Err(e) => {
                 free_entry(entry);
+                let unused = take_buffer_if_unused(&mut inner);
+                drop(inner);
+                drop(unused);
                 let maybe_live = e.status().is_some_and(|s| s.0 == 0);
                 Err((e, maybe_live))
             }
@@ -379,6 +385,9 @@ impl<S: PortSource> HandleTable<S> {
                     }
                     EntryState::Cancelled => {
                         free_entry(entry);
+                        let unused = take_buffer_if_unused(&mut inner);
+                        drop(inner);
+                        drop(unused);
                         return Ok(());
                     }
                     EntryState::Cancelling => {
@@ -401,6 +410,9 @@ impl<S: PortSource> HandleTable<S> {
             return match result {
                 Ok(()) => {
                     free_entry(entry);
+                    let unused = take_buffer_if_unused(&mut inner);
+                    drop(inner);
+                    drop(unused);
                     Ok(())
                 }
                 Err(e) => {
@@ -433,6 +445,20 @@ fn free_entry<K: Kernel>(entry: &mut Entry<K>) -> Option<RegistryPtr<K>> {
     if orphaned { registry } else { None }
 }
 
+/// The entries' buffer when every entry is `Free`, taken out of the table so that the caller
+/// frees it after releasing the lock. No `EntryId` refers to a free entry, so nothing indexes
+/// the buffer any more, and a later registration allocates a new one. Without this a
+/// `static` table (never dropped) keeps its buffer in the pool after `DriverUnload` or a
+/// failed `DriverEntry`: a leak at every load, found by running the real `.sys` in the
+/// loader harness (`harness/`, pool accounting).
+fn take_buffer_if_unused<K: Kernel>(inner: &mut Inner<K>) -> Vec<Entry<K>> {
+    if inner.entries.iter().all(|e| e.state == EntryState::Free) {
+        core::mem::take(&mut inner.entries)
+    } else {
+        Vec::new()
+    }
+}
+
 /// Frees the registry of an orphaned entry whose registration is cancelled. Call it without
 /// the table lock: the subscribers' destructors run here.
 fn free_orphan<K: Kernel>(orphan: Option<RegistryPtr<K>>) {
@@ -451,5 +477,51 @@ impl<S: PortSource> core::fmt::Debug for HandleTable<S> {
         f.debug_struct("HandleTable")
             .field("live_registrations", &self.live_registrations())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, feature = "mock", not(loom)))]
+mod tests {
+    use super::HandleTable;
+    use crate::mock::MockNetio;
+    use crate::{NetioCall, TeredoPortWatcher, WatcherOptions, sys};
+
+    fn buffer_capacity(table: &HandleTable<MockNetio>) -> usize {
+        table.inner.lock().entries.capacity()
+    }
+
+    // A `static` table is never dropped: its buffer must go back to the pool when the last
+    // registration goes, or every load of a driver leaks it (found by the loader harness).
+    #[test]
+    fn the_buffer_is_freed_when_the_last_registration_goes() {
+        let table = HandleTable::new(MockNetio::new());
+        let watcher = TeredoPortWatcher::new(&table, WatcherOptions::default()).expect("register");
+        assert!(buffer_capacity(&table) > 0);
+        watcher.unregister().expect("cancel");
+        assert_eq!(buffer_capacity(&table), 0, "released: buffer freed");
+
+        table
+            .source()
+            .fail_next(NetioCall::NotifyTeredoPortChange, sys::STATUS_NO_MEMORY);
+        assert!(TeredoPortWatcher::new(&table, WatcherOptions::default()).is_err());
+        assert_eq!(
+            buffer_capacity(&table),
+            0,
+            "failed registration: buffer freed"
+        );
+
+        let kept = TeredoPortWatcher::new(&table, WatcherOptions::default()).expect("register");
+        let report = table.teardown().expect("teardown");
+        assert_eq!(report.cancelled, 1);
+        assert!(
+            buffer_capacity(&table) > 0,
+            "a live watcher still refers to its entry"
+        );
+        drop(kept);
+        assert_eq!(
+            buffer_capacity(&table),
+            0,
+            "last entry freed after teardown"
+        );
     }
 }
