@@ -34,7 +34,7 @@ use teredo_watcher::{
     WatcherOptions, sys,
 };
 
-use reliability_common::{CountingAlloc, exclusive, live, long_mode, warm_up};
+use reliability_common::{CountingAlloc, exclusive, live, long_mode, settle, warm_up};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -751,6 +751,7 @@ fn cases() -> u32 {
 fn library_matches_the_reference_model() {
     let _serial = exclusive();
     warm_up();
+    settle();
     let config = Config {
         cases: cases(),
         failure_persistence: None,
@@ -772,36 +773,54 @@ fn library_matches_the_reference_model() {
 
 // regression: a watcher dropped after its cancel failed leaked its context (registry,
 // subscriber table and subscribers) for good: the teardown cancelled the registration but
-// nothing ever freed the context. Found by the leak check of the property test; fixed by
-// `HandleTable::orphan` (the watcher gives the context to the table) and the teardown
-// freeing orphaned contexts after a successful cancel.
+// nothing ever freed the context. Found by the leak check of the property test (and by the
+// fault sweep); fixed by `Registry::orphan` (the watcher gives the context up to the table)
+// and the teardown freeing orphaned contexts after a successful cancel. Checked here with a
+// drop flag in the subscriber (the context owns it), not with the global counter, so that
+// this test does not depend on what other tests of the binary allocate.
 #[test]
 fn regression_context_of_a_watcher_whose_cancel_failed_is_freed_by_teardown() {
+    struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
     let _serial = exclusive();
-    warm_up();
     for explicit in [false, true] {
-        let ops = [
-            Op::Start,
-            Op::Create {
-                initial: true,
-                seed: true,
-                first: true,
-                capacity: 3,
-            },
-            Op::Subscribe {
-                w: 0,
-                snapshot: true,
-            },
-            Op::Fail {
-                call: 2,
-                status: sys::STATUS_INVALID_HANDLE,
-            },
-            Op::Unregister { w: 0, explicit },
-            // Still registered: its subscribers still hear about this restart.
-            Op::Restart,
-            Op::Teardown,
-            Op::Restart,
-        ];
-        run_case(&ops).unwrap_or_else(|e| panic!("explicit {explicit}: {e}"));
+        let netio = MockNetio::new();
+        netio.client().start();
+        let table = HandleTable::new(netio.clone());
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = DropFlag(Arc::clone(&freed));
+        let (watcher, _id) =
+            TeredoPortWatcher::with_subscriber(&table, WatcherOptions::default(), move |_| {
+                let _ = &flag;
+            })
+            .expect("watcher");
+        netio.fail_next(
+            NetioCall::CancelMibChangeNotify2,
+            sys::STATUS_INVALID_HANDLE,
+        );
+        if explicit {
+            let e = watcher.unregister().expect_err("injected failure");
+            assert_eq!(
+                e.status(),
+                Some(teredo_watcher::NetioStatus(sys::STATUS_INVALID_HANDLE))
+            );
+        } else {
+            drop(watcher);
+        }
+        // Not freed while the registration is live.
+        assert!(!freed.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(netio.live_registrations(), 1);
+        assert_eq!(table.live_registrations(), 1);
+        let report = table.teardown().expect("teardown");
+        assert!(report.is_clean() && report.cancelled == 1, "{report:?}");
+        assert_eq!(netio.live_registrations(), 0);
+        assert!(
+            freed.load(std::sync::atomic::Ordering::SeqCst),
+            "explicit {explicit}: the teardown freed the context"
+        );
     }
 }

@@ -111,3 +111,23 @@ pub fn warm_up() {
     let _ = std::thread::current();
     std::thread::spawn(|| ()).join().expect("warm-up thread");
 }
+
+/// Waits until the allocation counters stop moving (a test that finished just before may
+/// still be freeing its output capture and thread state on other threads), up to a second.
+pub fn settle() {
+    let mut last = live();
+    let mut stable = 0;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let now = live();
+        if now == last {
+            stable += 1;
+            if stable == 3 {
+                return;
+            }
+        } else {
+            stable = 0;
+            last = now;
+        }
+    }
+}
