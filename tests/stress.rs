@@ -28,7 +28,7 @@ use std::time::Instant;
 use teredo_watcher::mock::MockNetio;
 use teredo_watcher::{HandleTable, Irql, TeredoEvent, TeredoPortWatcher, WatcherOptions, sys};
 
-use reliability_common::{CountingAlloc, exclusive, live, long_mode, warm_up};
+use reliability_common::{CountingAlloc, exclusive, live, long_mode, settle, warm_up};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -274,6 +274,9 @@ fn run(notifications: u32, churn: usize) {
     let before = live();
     let started = Instant::now();
     let (sent, reads) = scenario(notifications, churn);
+    // `thread::scope` returns once the scoped closures are done; their threads may still be
+    // freeing their thread-local state and handles for a moment.
+    settle();
     let after = live();
     assert_eq!(after, before, "leak");
     println!(
@@ -287,6 +290,7 @@ fn run(notifications: u32, churn: usize) {
 fn concurrent_notifications_subscriptions_and_reads() {
     let _serial = exclusive();
     warm_up();
+    settle();
     if long_mode() {
         run(1_000_000, 100_000);
     } else {
