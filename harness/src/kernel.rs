@@ -189,6 +189,9 @@ struct Netio {
     callback_irql: u8,
     faults: [VecDeque<i32>; 3],
     stats: NetioStats,
+    /// Client changes are numbered when they happen and delivered in that order.
+    next_change: u64,
+    delivering_change: u64,
 }
 
 impl Default for Netio {
@@ -202,6 +205,8 @@ impl Default for Netio {
             callback_irql: PASSIVE_LEVEL,
             faults: Default::default(),
             stats: NetioStats::default(),
+            next_change: 0,
+            delivering_change: 0,
         }
     }
 }
@@ -250,6 +255,22 @@ fn wait(guard: Guard) -> Guard {
 thread_local! {
     static IRQL: Cell<u8> = const { Cell::new(PASSIVE_LEVEL) };
     static THREAD_ID: Cell<usize> = const { Cell::new(0) };
+    /// Whether this thread is running a notification callback.
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `(DriverUnload, DriverObject)` to run from inside the next callback (see
+/// [`run_in_next_callback`]).
+static IN_CALLBACK_HOOK: Mutex<Option<(usize, usize)>> = Mutex::new(None);
+
+/// Fault injection for the self-cancel scenario: the next time the driver prints from
+/// inside one of its notification callbacks, the model calls `unload(driver_object)` (the
+/// driver's own `DriverUnload`) on that thread, before returning from `DbgPrint`: the
+/// driver then cancels its registration from inside its callback, as a driver bug would.
+pub fn run_in_next_callback(unload: usize, driver_object: usize) {
+    *IN_CALLBACK_HOOK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some((unload, driver_object));
 }
 
 static NEXT_THREAD_ID: AtomicUsize = AtomicUsize::new(0x104);
@@ -279,6 +300,9 @@ pub fn thread_id() -> usize {
 
 /// Resets the model for a new machine: empty pool, no registrations, client stopped.
 pub fn reset(image: (usize, usize), echo: bool) {
+    *IN_CALLBACK_HOOK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
     let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     *guard = Some(State {
         echo,
@@ -433,6 +457,7 @@ pub fn deliver(handle: usize, port: u16, kind: i32) -> Delivery {
 
     let before = current_irql();
     set_irql(irql);
+    IN_CALLBACK.with(|c| c.set(true));
     // SAFETY: `callback` is the function pointer the image registered with
     // `NotifyTeredoPortChange` (PTEREDO_PORT_CHANGE_CALLBACK, an NTAPI function of the
     // mapped image) and `context` its caller context; the registration is live and this
@@ -441,6 +466,7 @@ pub fn deliver(handle: usize, port: u16, kind: i32) -> Delivery {
     let callback: extern "win64" fn(*mut c_void, u16, i32) =
         unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut c_void, u16, i32)>(callback) };
     callback(core::ptr::with_exposed_provenance_mut(context), port, kind);
+    IN_CALLBACK.with(|c| c.set(false));
     let after = current_irql();
     if after != irql {
         bugcheck(
@@ -474,23 +500,40 @@ pub mod client {
         port
     }
 
-    fn broadcast(port: u16, kind: i32) -> usize {
-        let handles: Vec<usize> = lock()
+    /// Delivers change number `change` to every live registration, after every earlier
+    /// change was delivered (changes made on several threads reach a callback in the order
+    /// they happened, one at a time).
+    fn broadcast(change: u64, port: u16, kind: i32) -> usize {
+        let mut state = lock();
+        while state.netio.delivering_change != change {
+            state = super::halt_if_stopped(super::wait(state));
+        }
+        let handles: Vec<usize> = state
             .netio
             .registrations
             .iter()
             .filter(|(_, r)| !r.cancelled)
             .map(|(h, _)| *h)
             .collect();
-        handles
+        drop(state);
+        let delivered = handles
             .into_iter()
             .filter(|h| deliver(*h, port, kind) == Delivery::Delivered)
-            .count()
+            .count();
+        lock().netio.delivering_change += 1;
+        super::CHANGED.notify_all();
+        delivered
+    }
+
+    fn take_change(state: &mut super::State) -> u64 {
+        let change = state.netio.next_change;
+        state.netio.next_change += 1;
+        change
     }
 
     /// Starts (or restarts) the client on a new port; returns it.
     pub fn start() -> u16 {
-        let (port, kind) = {
+        let (change, port, kind) = {
             let mut state = lock();
             let kind = if state.netio.running.is_some() {
                 MIB_PARAMETER_NOTIFICATION
@@ -499,17 +542,24 @@ pub mod client {
             };
             let port = next_port(&mut state);
             state.netio.running = Some(port);
-            (port, kind)
+            (take_change(&mut state), port, kind)
         };
-        broadcast(port, kind);
+        broadcast(change, port, kind);
         port
     }
 
     /// Stops the client (`MibDeleteInstance` with the port it had).
     pub fn stop() {
-        let port = lock().netio.running.take();
-        if let Some(port) = port {
-            broadcast(port, MIB_DELETE_INSTANCE);
+        let stopped = {
+            let mut state = lock();
+            state
+                .netio
+                .running
+                .take()
+                .map(|port| (take_change(&mut state), port))
+        };
+        if let Some((change, port)) = stopped {
+            broadcast(change, port, MIB_DELETE_INSTANCE);
         }
     }
 
@@ -719,6 +769,21 @@ unsafe extern "win64" fn dbg_print(format: *const c_char, a1: usize, a2: usize, 
             println!("{line}");
         }
         state.debugger.push(line.to_owned());
+    }
+    drop(state);
+    if IN_CALLBACK.with(Cell::get) {
+        let hook = IN_CALLBACK_HOOK
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((unload, driver_object)) = hook {
+            note("fault injection: running the driver's DriverUnload inside its callback");
+            // SAFETY: `unload` is the image's `DRIVER_UNLOAD` routine and `driver_object`
+            // the machine's driver object, both given by the machine, which keeps them
+            // alive while the image runs; the routine is an NTAPI function.
+            let unload = unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
+            unload(core::ptr::with_exposed_provenance_mut(driver_object));
+        }
     }
     STATUS_SUCCESS
 }

@@ -62,6 +62,7 @@ pub struct Machine {
     driver_object: Box<[u64; DRIVER_OBJECT_SIZE / 8]>,
     registry_path: Box<UnicodeString>,
     _registry_path_buffer: Vec<u16>,
+    exports: Vec<(String, usize)>,
     timeout: Duration,
     _one: MutexGuard<'static, ()>,
 }
@@ -84,6 +85,14 @@ impl Machine {
         let one = ONE_MACHINE.lock().unwrap_or_else(PoisonError::into_inner);
         kernel::reset((0, 0), echo);
         let image = loader::load(sys, &kernel::resolve)?;
+        let exports = goblin::pe::PE::parse(sys)
+            .map(|pe| {
+                pe.exports
+                    .iter()
+                    .filter_map(|e| Some((e.name?.to_owned(), e.rva)))
+                    .collect()
+            })
+            .unwrap_or_default();
         kernel::reset((image.base(), image.size()), echo);
         let buffer: Vec<u16> =
             "\\Registry\\Machine\\System\\CurrentControlSet\\Services\\teredo_monitor"
@@ -106,6 +115,7 @@ impl Machine {
             driver_object,
             registry_path,
             _registry_path_buffer: buffer,
+            exports,
             timeout: Duration::from_secs(20),
             _one: one,
         })
@@ -238,6 +248,17 @@ impl Machine {
         }
     }
 
+    /// Fault injection: the driver's own `DriverUnload` runs on the thread of its next
+    /// notification callback, from inside it (see [`kernel::run_in_next_callback`]).
+    /// Returns `false` when `DriverEntry` set no `DriverUnload`.
+    pub fn unload_inside_next_callback(&self) -> bool {
+        let Some(unload) = self.driver_unload_routine() else {
+            return false;
+        };
+        kernel::run_in_next_callback(unload, self.driver_object_address());
+        true
+    }
+
     /// Calls `DriverUnload` at `PASSIVE_LEVEL` if `DriverEntry` set it, then retires the
     /// image (any later call into it faults). Returns whether a routine was set.
     ///
@@ -267,23 +288,33 @@ impl Machine {
         Ok(true)
     }
 
-    /// Calls an exported function of the image that takes nothing and returns a `u32`.
+    /// The address of an exported function of the image.
+    #[must_use]
+    pub fn export(&self, name: &str) -> Option<usize> {
+        self.exports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, rva)| self.image.base() + rva)
+    }
+
+    /// Calls an exported function of the image that takes nothing and returns a `u32`, at
+    /// `irql` on a thread of its own.
     ///
     /// # Safety
     ///
-    /// The export must be such a function, callable at `irql` now.
-    pub unsafe fn call_export_u32(&self, sys: &[u8], name: &str, irql: u8) -> Result<u32, Stop> {
-        let facts = goblin::pe::PE::parse(sys).ok();
-        let rva = facts
-            .as_ref()
-            .and_then(|pe| pe.exports.iter().find(|e| e.name == Some(name)).map(|e| e.rva));
-        let Some(rva) = rva else {
-            return Err(Stop::Hang {
-                what: format!("export {name} not found"),
-                waited: Duration::ZERO,
-            });
-        };
-        let address = self.image.base() + rva;
+    /// The export must be such an NTAPI function, callable at `irql` now.
+    ///
+    /// # Errors
+    ///
+    /// See [`Stop`].
+    ///
+    /// # Panics
+    ///
+    /// If the image does not export `name`.
+    pub unsafe fn call_export_u32(&self, name: &str, irql: u8) -> Result<u32, Stop> {
+        let address = self
+            .export(name)
+            .unwrap_or_else(|| panic!("the image exports no {name}"));
         self.on_cpu(name, irql, move || {
             // SAFETY: the caller guarantees the export has this signature and may be
             // called at `irql` now.

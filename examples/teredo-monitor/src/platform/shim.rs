@@ -209,6 +209,29 @@ pub unsafe extern "system" fn driver_entry(
     status.0
 }
 
+/// What a WFP classify function of this driver would read for every packet:
+/// [`TeredoMonitor::exceptions`] (one atomic load, valid at `DISPATCH_LEVEL`). This example
+/// registers no callout, so the shim exports this stand-in for the harness to call while
+/// notifications arrive. Returns the dynamic port, `0` when none is known, `u32::MAX` when
+/// no driver state is loaded.
+///
+/// # Safety
+///
+/// Called at `<= DISPATCH_LEVEL`, and never concurrently with `DriverUnload` (as the filter
+/// engine never calls a classify function once its callout is unregistered).
+#[unsafe(export_name = "TeredoMonitorClassifyPort")]
+pub unsafe extern "system" fn classify_port() -> u32 {
+    // SAFETY: `DriverUnload`, the only `take` of the slot, does not run meanwhile (this
+    // function's contract).
+    match unsafe { DRIVER.peek() } {
+        Some(monitor) => monitor
+            .exceptions()
+            .dynamic_port
+            .map_or(0, |port| u32::from(port.get())),
+        None => u32::MAX,
+    }
+}
+
 /// `DriverUnload`: runs [`driver::driver_unload`].
 ///
 /// # Safety
