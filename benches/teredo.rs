@@ -503,7 +503,104 @@ fn summary(dir: &Path, since: SystemTime) {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Instruction counts: the noise-free cross-check (`benches/instructions.sh`, valgrind).
+// ---------------------------------------------------------------------------------------
+
+/// Runs `iterations` operations of one single-threaded case, without criterion, for
+/// `benches/instructions.sh`: it runs this binary under callgrind with two iteration counts
+/// and divides the difference of the totals by the difference of the counts, so setup and
+/// process start cancel out and what is left is instructions per operation.
+/// Returns `false` for an unknown case.
+fn run_instruction_case(case: &str, iterations: u64) -> bool {
+    let table = HandleTable::new(DirectSource::new(SEED_PORT));
+    let fanout = |n: usize| {
+        let watcher = TeredoPortWatcher::new(&table, options(n)).expect("register");
+        for _ in 0..n {
+            watcher.subscribe(accumulator()).expect("subscribe");
+        }
+        let registered = table.source().registered();
+        for _ in 0..iterations {
+            // SAFETY: the watcher is alive and only this thread calls its callback.
+            unsafe {
+                black_box(registered).fire(black_box(SEED_PORT), MIB_PARAMETER_NOTIFICATION);
+            }
+        }
+    };
+    let baseline = |n: usize| {
+        let naive = NaiveLocked::new(NaiveRegistry {
+            port: None,
+            subscribers: (0..n)
+                .map(|_| Box::new(accumulator()) as Box<dyn FnMut(TeredoEvent) + Send>)
+                .collect(),
+        });
+        let callback: TeredoPortChangeCallback = naive_callback;
+        let context = (&raw const naive).cast_mut().cast::<c_void>();
+        for _ in 0..iterations {
+            // SAFETY: `context` is `naive`, alive for the whole loop.
+            unsafe {
+                black_box(callback)(
+                    black_box(context),
+                    black_box(SEED_PORT),
+                    MIB_PARAMETER_NOTIFICATION,
+                );
+            }
+        }
+    };
+    let subscribe = |present: usize| {
+        let watcher = TeredoPortWatcher::new(&table, options(present + 1)).expect("register");
+        for _ in 0..present {
+            watcher.subscribe(accumulator()).expect("subscribe");
+        }
+        for _ in 0..iterations {
+            let id = watcher.subscribe(accumulator()).expect("subscribe");
+            watcher.unsubscribe(black_box(id)).expect("unsubscribe");
+        }
+    };
+    match case {
+        "current_port/atomic_load" => {
+            let atomic = AtomicU64::new(u64::from(SEED_PORT));
+            for _ in 0..iterations {
+                black_box(black_box(&atomic).load(Ordering::Acquire));
+            }
+        }
+        "current_port/watcher" => {
+            let watcher = TeredoPortWatcher::new(&table, options(1)).expect("register");
+            for _ in 0..iterations {
+                black_box(black_box(&watcher).current_port());
+            }
+        }
+        "current_port/spin_lock_read" => {
+            let locked = NaiveLocked::new(TeredoPort::new(SEED_PORT));
+            for _ in 0..iterations {
+                black_box(black_box(&locked).with(|port| *port));
+            }
+        }
+        "fanout/watcher/1" => fanout(1),
+        "fanout/watcher/8" => fanout(8),
+        "fanout/watcher/64" => fanout(64),
+        "fanout/spin_lock_boxed_closures/1" => baseline(1),
+        "fanout/spin_lock_boxed_closures/8" => baseline(8),
+        "fanout/spin_lock_boxed_closures/64" => baseline(64),
+        "subscribe_unsubscribe/watcher/10" => subscribe(10),
+        "subscribe_unsubscribe/watcher/1000" => subscribe(1_000),
+        _ => return false,
+    }
+    true
+}
+
 fn main() {
+    if let Ok(case) = std::env::var("TEREDO_BENCH_INSTRUCTIONS") {
+        let iterations = std::env::var("TEREDO_BENCH_ITERATIONS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1_000);
+        if !run_instruction_case(&case, iterations) {
+            eprintln!("unknown TEREDO_BENCH_INSTRUCTIONS case {case:?}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let started = SystemTime::now();
     let dir = output_directory();
     let mut criterion = Criterion::default()
