@@ -6,7 +6,8 @@
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    let out_dir = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let out_dir =
+        std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out.
     let profile_dir = out_dir
         .ancestors()

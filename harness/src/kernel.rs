@@ -24,6 +24,7 @@
 //! One machine runs at a time (see [`crate::machine::Machine`]), so the state is global.
 
 use core::ffi::{CStr, c_char, c_void};
+use core::fmt::Write as _;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -98,10 +99,10 @@ pub struct Bugcheck {
 
 impl std::fmt::Display for Bugcheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [a, b, c, d] = self.parameters;
+        let [p1, p2, p3, p4] = self.parameters;
         write!(
             f,
-            "*** STOP: {:#010x} ({a:#x}, {b:#x}, {c:#x}, {d:#x}) on thread {:#x}: {}",
+            "*** STOP: {:#010x} ({p1:#x}, {p2:#x}, {p3:#x}, {p4:#x}) on thread {:#x}: {}",
             self.code, self.thread, self.reason
         )
     }
@@ -386,15 +387,15 @@ pub fn fail_allocation_after(count: u64) {
 #[must_use]
 pub fn netio_stats() -> NetioStats {
     let state = lock();
-    let mut stats = state.netio.stats.clone();
-    stats.live = state
+    let mut netio = state.netio.stats.clone();
+    netio.live = state
         .netio
         .registrations
         .iter()
         .filter(|(_, r)| !r.cancelled)
         .map(|(h, _)| *h)
         .collect();
-    stats
+    netio
 }
 
 /// Makes the next call of `call` return `status` (queued; several may be set).
@@ -428,6 +429,10 @@ pub enum Delivery {
 
 /// Delivers one notification to `handle` on the calling thread, serialized with every
 /// other delivery to the same handle, at the configured callback IRQL.
+///
+/// # Panics
+///
+/// If called from inside a callback of the same handle (the model never does that).
 pub fn deliver(handle: usize, port: u16, kind: i32) -> Delivery {
     let me = thread_id();
     let mut state = lock();
@@ -472,7 +477,9 @@ pub fn deliver(handle: usize, port: u16, kind: i32) -> Delivery {
         bugcheck(
             IRQL_UNEXPECTED_VALUE,
             [usize::from(after), usize::from(irql), 0, handle],
-            format!("the callback of handle {handle:#x} returned at IRQL {after}, called at {irql}"),
+            format!(
+                "the callback of handle {handle:#x} returned at IRQL {after}, called at {irql}"
+            ),
         );
     }
     set_irql(before);
@@ -490,8 +497,7 @@ pub fn deliver(handle: usize, port: u16, kind: i32) -> Delivery {
 /// the calling thread.
 pub mod client {
     use super::{
-        Delivery, MIB_ADD_INSTANCE, MIB_DELETE_INSTANCE, MIB_PARAMETER_NOTIFICATION, deliver,
-        lock,
+        Delivery, MIB_ADD_INSTANCE, MIB_DELETE_INSTANCE, MIB_PARAMETER_NOTIFICATION, deliver, lock,
     };
 
     fn next_port(state: &mut super::State) -> u16 {
@@ -532,6 +538,7 @@ pub mod client {
     }
 
     /// Starts (or restarts) the client on a new port; returns it.
+    #[must_use = "the new port"]
     pub fn start() -> u16 {
         let (change, port, kind) = {
             let mut state = lock();
@@ -622,7 +629,7 @@ unsafe extern "win64" fn ke_acquire_spin_lock_raise_to_dpc(lock: *mut usize) -> 
         .is_err()
     {
         spins = spins.wrapping_add(1);
-        if spins % 1024 == 0 {
+        if spins.is_multiple_of(1024) {
             drop(halt_if_stopped(self::lock()));
             std::thread::yield_now();
         }
@@ -704,7 +711,8 @@ extern "win64" fn ke_bug_check_ex(code: u32, p1: usize, p2: usize, p3: usize, p4
     if p3 >= base && p3.saturating_add(p4) <= base + size && p4 < 512 {
         // SAFETY: the range lies inside the mapped image (checked above), which is readable
         // while the driver runs.
-        let bytes = unsafe { std::slice::from_raw_parts(core::ptr::with_exposed_provenance::<u8>(p3), p4) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts(core::ptr::with_exposed_provenance::<u8>(p3), p4) };
         reason = format!(
             "KeBugCheckEx called by the driver (panic at {}:{p1}:{p2})",
             String::from_utf8_lossy(bytes)
@@ -742,7 +750,9 @@ unsafe extern "win64" fn dbg_print(format: *const c_char, a1: usize, a2: usize, 
                 match conversion {
                     b's' => {
                         // SAFETY: a `%s` argument is a NUL-terminated string (contract).
-                        let s = unsafe { CStr::from_ptr(core::ptr::with_exposed_provenance::<c_char>(arg)) };
+                        let s = unsafe {
+                            CStr::from_ptr(core::ptr::with_exposed_provenance::<c_char>(arg))
+                        };
                         out.push_str(&s.to_string_lossy());
                     }
                     #[allow(clippy::cast_possible_truncation, reason = "%d is a 32-bit int")]
@@ -750,8 +760,12 @@ unsafe extern "win64" fn dbg_print(format: *const c_char, a1: usize, a2: usize, 
                     #[allow(clippy::cast_possible_truncation, reason = "%u is a 32-bit int")]
                     b'u' => out.push_str(&(arg as u32).to_string()),
                     #[allow(clippy::cast_possible_truncation, reason = "%x is a 32-bit int")]
-                    b'x' => out.push_str(&format!("{:x}", arg as u32)),
-                    _ => out.push_str(&format!("{arg:#x}")),
+                    b'x' => {
+                        let _ = write!(out, "{:x}", arg as u32);
+                    }
+                    _ => {
+                        let _ = write!(out, "{arg:#x}");
+                    }
                 }
             }
             other => {
@@ -781,7 +795,8 @@ unsafe extern "win64" fn dbg_print(format: *const c_char, a1: usize, a2: usize, 
             // SAFETY: `unload` is the image's `DRIVER_UNLOAD` routine and `driver_object`
             // the machine's driver object, both given by the machine, which keeps them
             // alive while the image runs; the routine is an NTAPI function.
-            let unload = unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
+            let unload =
+                unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
             unload(core::ptr::with_exposed_provenance_mut(driver_object));
         }
     }
@@ -801,10 +816,16 @@ fn pool_type(flags: u64) -> Option<&'static str> {
 extern "win64" fn ex_allocate_pool2(flags: u64, size: usize, tag: u32) -> *mut c_void {
     let irql = current_irql();
     let Some(kind) = pool_type(flags) else {
-        note(&format!("ExAllocatePool2: no single pool type in flags {flags:#x}: NULL"));
+        note(&format!(
+            "ExAllocatePool2: no single pool type in flags {flags:#x}: NULL"
+        ));
         return core::ptr::null_mut();
     };
-    let max = if kind == "PagedPool" { APC_LEVEL } else { DISPATCH_LEVEL };
+    let max = if kind == "PagedPool" {
+        APC_LEVEL
+    } else {
+        DISPATCH_LEVEL
+    };
     if irql > max {
         let code = if kind == "PagedPool" { 0x01 } else { 0x02 };
         bugcheck(
@@ -841,15 +862,22 @@ extern "win64" fn ex_allocate_pool2(flags: u64, size: usize, tag: u32) -> *mut c
     if block.is_null() {
         return core::ptr::null_mut();
     }
-    let fill = if flags & POOL_FLAG_UNINITIALIZED != 0 { 0xCD } else { 0 };
+    let fill = if flags & POOL_FLAG_UNINITIALIZED != 0 {
+        0xCD
+    } else {
+        0
+    };
     // SAFETY: `block` is a fresh allocation of `size` bytes.
     unsafe { block.write_bytes(fill, size) };
-    state.pool.blocks.insert(block.expose_provenance(), Block { layout, tag });
-    let stats = &mut state.pool.stats;
-    stats.allocations += 1;
-    stats.live_blocks += 1;
-    stats.live_bytes += size;
-    stats.peak_bytes = stats.peak_bytes.max(stats.live_bytes);
+    state
+        .pool
+        .blocks
+        .insert(block.expose_provenance(), Block { layout, tag });
+    let counters = &mut state.pool.stats;
+    counters.allocations += 1;
+    counters.live_blocks += 1;
+    counters.live_bytes += size;
+    counters.peak_bytes = counters.peak_bytes.max(counters.live_bytes);
     block.cast()
 }
 
@@ -882,10 +910,10 @@ extern "win64" fn ex_free_pool_with_tag(p: *mut c_void, tag: u32) {
             ),
         );
     }
-    let stats = &mut state.pool.stats;
-    stats.frees += 1;
-    stats.live_blocks -= 1;
-    stats.live_bytes -= block.layout.size();
+    let counters = &mut state.pool.stats;
+    counters.frees += 1;
+    counters.live_blocks -= 1;
+    counters.live_bytes -= block.layout.size();
     drop(state);
     // SAFETY: `p` was allocated above with `block.layout` and is freed once (it was in the
     // live map, and is removed from it).
@@ -895,7 +923,11 @@ extern "win64" fn ex_free_pool_with_tag(p: *mut c_void, tag: u32) {
 /// # Safety
 ///
 /// `memcpy`'s contract: both ranges valid for `count` bytes.
-unsafe extern "win64" fn memcpy(dest: *mut c_void, src: *const c_void, count: usize) -> *mut c_void {
+unsafe extern "win64" fn memcpy(
+    dest: *mut c_void,
+    src: *const c_void,
+    count: usize,
+) -> *mut c_void {
     // SAFETY: valid ranges (contract); `copy` also tolerates an overlap.
     unsafe { core::ptr::copy(src.cast::<u8>(), dest.cast::<u8>(), count) };
     dest
@@ -904,7 +936,11 @@ unsafe extern "win64" fn memcpy(dest: *mut c_void, src: *const c_void, count: us
 /// # Safety
 ///
 /// `memmove`'s contract: both ranges valid for `count` bytes.
-unsafe extern "win64" fn memmove(dest: *mut c_void, src: *const c_void, count: usize) -> *mut c_void {
+unsafe extern "win64" fn memmove(
+    dest: *mut c_void,
+    src: *const c_void,
+    count: usize,
+) -> *mut c_void {
     // SAFETY: valid ranges (contract); `copy` handles the overlap.
     unsafe { core::ptr::copy(src.cast::<u8>(), dest.cast::<u8>(), count) };
     dest
@@ -914,7 +950,11 @@ unsafe extern "win64" fn memmove(dest: *mut c_void, src: *const c_void, count: u
 ///
 /// `memset`'s contract: `dest` valid for `count` bytes.
 unsafe extern "win64" fn memset(dest: *mut c_void, c: i32, count: usize) -> *mut c_void {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "memset stores (unsigned char)c")]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "memset stores (unsigned char)c"
+    )]
     let byte = c as u8;
     // SAFETY: valid range (contract).
     unsafe { dest.cast::<u8>().write_bytes(byte, count) };
@@ -1006,19 +1046,15 @@ unsafe extern "win64" fn notify_teredo_port_change(
         let worker = std::thread::Builder::new()
             .name("netio-initial".into())
             .spawn(move || deliver(id, 0, MIB_INITIAL_NOTIFICATION));
-        match worker {
-            Ok(worker) => {
-                while !worker.is_finished() {
-                    drop(halt_if_stopped(lock()));
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                let _ = worker.join();
-            }
-            Err(_) => {
-                lock().netio.registrations.remove(&id);
-                return 0xC000_009A_u32.cast_signed();
-            }
+        let Ok(worker) = worker else {
+            lock().netio.registrations.remove(&id);
+            return 0xC000_009A_u32.cast_signed();
+        };
+        while !worker.is_finished() {
+            drop(halt_if_stopped(lock()));
+            std::thread::sleep(Duration::from_millis(1));
         }
+        let _ = worker.join();
     }
     // SAFETY: valid for a write (this function's contract).
     unsafe { handle.write(id) };
@@ -1103,7 +1139,9 @@ pub fn resolve(module: &str, name: &str) -> Option<usize> {
         }
         ("ntoskrnl.exe", "KeReleaseSpinLock") => ke_release_spin_lock as *const () as usize,
         ("ntoskrnl.exe", "PsGetCurrentThreadId") => ps_get_current_thread_id as *const () as usize,
-        ("ntoskrnl.exe", "KeDelayExecutionThread") => ke_delay_execution_thread as *const () as usize,
+        ("ntoskrnl.exe", "KeDelayExecutionThread") => {
+            ke_delay_execution_thread as *const () as usize
+        }
         ("ntoskrnl.exe", "KeBugCheckEx") => ke_bug_check_ex as *const () as usize,
         ("ntoskrnl.exe", "DbgPrint") => dbg_print as *const () as usize,
         ("ntoskrnl.exe", "ExAllocatePool2") => ex_allocate_pool2 as *const () as usize,

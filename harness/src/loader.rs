@@ -7,9 +7,7 @@ use std::fmt;
 
 use goblin::pe::PE;
 use goblin::pe::relocation::{IMAGE_REL_BASED_ABSOLUTE, IMAGE_REL_BASED_DIR64};
-use goblin::pe::section_table::{
-    IMAGE_SCN_MEM_EXECUTE, IMAGE_SCN_MEM_READ, IMAGE_SCN_MEM_WRITE,
-};
+use goblin::pe::section_table::{IMAGE_SCN_MEM_EXECUTE, IMAGE_SCN_MEM_READ, IMAGE_SCN_MEM_WRITE};
 
 /// Why an image could not be loaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +108,10 @@ impl LoadedImage {
 
     /// Makes the whole image inaccessible, as an unloaded image is: any later call into it
     /// faults instead of running stale code. The memory stays reserved until drop.
+    ///
+    /// # Panics
+    ///
+    /// If the host refuses the protection change.
     pub fn retire(&self) {
         // SAFETY: `base..base+size` is our own mapping (type invariant); changing its
         // protection does not invalidate any Rust reference (none point into it).
@@ -199,34 +201,61 @@ pub fn load(
         imports_bound: 0,
     };
     if image.base() as u64 == pe.image_base {
-        return Err(LoadError::Map("mapped at the preferred base by chance".into()));
+        return Err(LoadError::Map(
+            "mapped at the preferred base by chance".into(),
+        ));
     }
 
-    // SAFETY (for `window` below): every call checks `offset + len <= size` first, so the
-    // slice lies inside our writable mapping, which nothing else references.
-    let window = |offset: usize, len: usize| -> Result<&mut [u8], LoadError> {
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(LoadError::Format(format!(
-                "{len} bytes at RVA {offset:#x} outside SizeOfImage {size:#x}"
-            )));
-        }
-        // SAFETY: in bounds of the mapping (checked above), writable, and not aliased by any
-        // other live reference (each window is used and dropped before the next).
-        Ok(unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>().add(offset), len) })
-    };
-
-    window(0, headers)?.copy_from_slice(&bytes[..headers]);
+    image.window(0, headers)?.copy_from_slice(&bytes[..headers]);
     for section in &pe.sections {
         let raw = section.size_of_raw_data.min(section.virtual_size) as usize;
         let from = section.pointer_to_raw_data as usize;
         let data = bytes
             .get(from..from + raw)
             .ok_or_else(|| LoadError::Format("section data outside the file".into()))?;
-        window(section.virtual_address as usize, raw)?.copy_from_slice(data);
+        image
+            .window(section.virtual_address as usize, raw)?
+            .copy_from_slice(data);
+    }
+    image.relocate(&pe)?;
+    for (slot_rva, address) in bindings {
+        image
+            .window(slot_rva, 8)?
+            .copy_from_slice(&(address as u64).to_le_bytes());
+        image.imports_bound += 1;
+    }
+    image.protect(&pe, headers)?;
+    Ok(image)
+}
+
+impl LoadedImage {
+    /// `len` bytes of the mapping at `offset`, for writing while the image is loaded.
+    fn window(&mut self, offset: usize, len: usize) -> Result<&mut [u8], LoadError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(LoadError::Format(format!(
+                "{len} bytes at RVA {offset:#x} outside SizeOfImage {:#x}",
+                self.size
+            )));
+        }
+        // SAFETY: in bounds of our mapping (checked above), still writable (protections are
+        // set last), and borrowed mutably from the owner for the slice's lifetime, so no
+        // other reference into it exists.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.base.add(offset), len) })
     }
 
-    let delta = (image.base() as u64).wrapping_sub(pe.image_base);
-    if let Some(relocations) = &pe.relocation_data {
+    /// Applies the base relocations for the difference between the mapping and the
+    /// preferred base.
+    fn relocate(&mut self, pe: &PE<'_>) -> Result<(), LoadError> {
+        let delta = (self.base() as u64).wrapping_sub(pe.image_base);
+        let Some(relocations) = &pe.relocation_data else {
+            return if delta == 0 {
+                Ok(())
+            } else {
+                Err(LoadError::Relocation(
+                    "no base relocations: the image cannot move".into(),
+                ))
+            };
+        };
         for block in relocations.blocks() {
             let block = block.map_err(|e| LoadError::Relocation(e.to_string()))?;
             for word in block.words() {
@@ -235,10 +264,12 @@ pub fn load(
                     IMAGE_REL_BASED_ABSOLUTE => {}
                     IMAGE_REL_BASED_DIR64 => {
                         let at = block.rva as usize + usize::from(word.offset());
-                        let slot = window(at, 8)?;
-                        let value = u64::from_le_bytes(slot[..8].try_into().unwrap_or([0; 8]));
-                        slot.copy_from_slice(&value.wrapping_add(delta).to_le_bytes());
-                        image.relocations_applied += 1;
+                        let slot = self.window(at, 8)?;
+                        let mut value = [0u8; 8];
+                        value.copy_from_slice(slot);
+                        let moved = u64::from_le_bytes(value).wrapping_add(delta);
+                        slot.copy_from_slice(&moved.to_le_bytes());
+                        self.relocations_applied += 1;
                     }
                     other => {
                         return Err(LoadError::Relocation(format!(
@@ -249,39 +280,32 @@ pub fn load(
                 }
             }
         }
-    } else if delta != 0 {
-        return Err(LoadError::Relocation(
-            "no base relocations: the image cannot move".into(),
-        ));
+        Ok(())
     }
 
-    for (slot_rva, address) in bindings {
-        window(slot_rva, 8)?.copy_from_slice(&(address as u64).to_le_bytes());
-        image.imports_bound += 1;
-    }
-
-    // Headers read-only; each section as its characteristics say.
-    let page = 4096;
-    // SAFETY: protections of our own mapping only; no Rust reference points into it.
-    unsafe { libc::mprotect(base, headers.div_ceil(page) * page, libc::PROT_READ) };
-    for section in &pe.sections {
-        let start = section.virtual_address as usize;
-        let len = (section.virtual_size as usize).div_ceil(page) * page;
-        if start + len > size {
-            return Err(LoadError::Format("section outside SizeOfImage".into()));
-        }
-        // SAFETY: `start..start+len` lies inside our mapping (checked above); no Rust
-        // reference points into it.
-        let rc = unsafe {
-            libc::mprotect(
-                base.cast::<u8>().add(start).cast(),
+    /// Headers read-only; each section as its characteristics say.
+    fn protect(&self, pe: &PE<'_>, headers: usize) -> Result<(), LoadError> {
+        let page = 4096;
+        let mut ranges = vec![(0, headers.div_ceil(page) * page, libc::PROT_READ)];
+        for section in &pe.sections {
+            let len = (section.virtual_size as usize).div_ceil(page) * page;
+            ranges.push((
+                section.virtual_address as usize,
                 len,
                 protection(section.characteristics),
-            )
-        };
-        if rc != 0 {
-            return Err(LoadError::Map(std::io::Error::last_os_error().to_string()));
+            ));
         }
+        for (start, len, prot) in ranges {
+            if start + len > self.size {
+                return Err(LoadError::Format("section outside SizeOfImage".into()));
+            }
+            // SAFETY: `start..start+len` lies inside our mapping (checked above); no Rust
+            // reference points into it.
+            let rc = unsafe { libc::mprotect(self.base.add(start).cast(), len, prot) };
+            if rc != 0 {
+                return Err(LoadError::Map(std::io::Error::last_os_error().to_string()));
+            }
+        }
+        Ok(())
     }
-    Ok(image)
 }

@@ -220,7 +220,8 @@ impl Machine {
     pub fn driver_entry_at(&self, irql: u8) -> Result<i32, Stop> {
         let entry = self.image.entry();
         let driver_object = self.driver_object_address();
-        let registry_path = std::ptr::from_ref::<UnicodeString>(&self.registry_path).expose_provenance();
+        let registry_path =
+            std::ptr::from_ref::<UnicodeString>(&self.registry_path).expose_provenance();
         self.on_cpu("DriverEntry", irql, move || {
             // SAFETY: `entry` is the image's entry point, `DriverEntry`, an NTAPI function
             // (`extern "system"`, the Windows x64 convention) of the mapped, relocated and
@@ -251,6 +252,7 @@ impl Machine {
     /// Fault injection: the driver's own `DriverUnload` runs on the thread of its next
     /// notification callback, from inside it (see [`kernel::run_in_next_callback`]).
     /// Returns `false` when `DriverEntry` set no `DriverUnload`.
+    #[must_use = "false: nothing was armed"]
     pub fn unload_inside_next_callback(&self) -> bool {
         let Some(unload) = self.driver_unload_routine() else {
             return false;
@@ -265,6 +267,10 @@ impl Machine {
     /// # Errors
     ///
     /// See [`Stop`].
+    ///
+    /// # Panics
+    ///
+    /// If the routine the driver stored points outside its image.
     pub fn driver_unload(&self) -> Result<bool, Stop> {
         let Some(unload) = self.driver_unload_routine() else {
             self.image.retire();
@@ -279,9 +285,8 @@ impl Machine {
             // SAFETY: `unload` is the `DRIVER_UNLOAD` routine the driver stored in its
             // driver object (checked to lie in the image), an NTAPI function; the driver
             // object outlives the call.
-            let unload = unsafe {
-                std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload)
-            };
+            let unload =
+                unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
             unload(core::ptr::with_exposed_provenance_mut(driver_object));
         })?;
         self.image.retire();

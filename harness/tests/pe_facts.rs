@@ -21,10 +21,20 @@ fn the_image_is_an_amd64_native_driver_entered_at_driver_entry() {
     assert_eq!(facts.machine, pe::MACHINE_AMD64);
     assert!(facts.is_64, "PE32+");
     assert_eq!(facts.subsystem, pe::SUBSYSTEM_NATIVE);
-    assert_eq!(facts.entry_names, ["DriverEntry"], "the entry point is DriverEntry");
+    assert_eq!(
+        facts.entry_names,
+        ["DriverEntry"],
+        "the entry point is DriverEntry"
+    );
     assert_ne!(facts.checksum_stored, 0, "/RELEASE writes a checksum");
-    assert_eq!(facts.checksum_stored, facts.checksum_computed, "valid checksum");
-    assert!(facts.has_relocations, "relocatable: the kernel picks the base");
+    assert_eq!(
+        facts.checksum_stored, facts.checksum_computed,
+        "valid checksum"
+    );
+    assert!(
+        facts.has_relocations,
+        "relocatable: the kernel picks the base"
+    );
     assert_ne!(facts.dll_characteristics & 0x0040, 0, "DYNAMIC_BASE");
 }
 
@@ -92,7 +102,13 @@ fn the_linker_settings_stay_out_of_every_cargo_config() {
         let Ok(text) = std::fs::read_to_string(root.join(config)) else {
             continue;
         };
-        for setting in ["lld-link", "/DRIVER", "/NODEFAULTLIB", "rust-lld", "kernel-shim"] {
+        for setting in [
+            "lld-link",
+            "/DRIVER",
+            "/NODEFAULTLIB",
+            "rust-lld",
+            "kernel-shim",
+        ] {
             assert!(
                 !text.contains(setting),
                 "{config} mentions {setting}: the Windows/WDK flow would pick it up"
@@ -101,5 +117,8 @@ fn the_linker_settings_stay_out_of_every_cargo_config() {
     }
     // The build step passes them on its own command line only.
     let args = sysbuild::cargo_args().join(" ");
-    assert!(args.contains("/DRIVER") && args.contains("kernel-shim"), "{args}");
+    assert!(
+        args.contains("/DRIVER") && args.contains("kernel-shim"),
+        "{args}"
+    );
 }

@@ -44,7 +44,11 @@ fn driver_lines(prefix: &str) -> usize {
 fn unload_clean(machine: &Machine) {
     assert!(ok(machine.driver_unload()), "DriverEntry set DriverUnload");
     let netio = kernel::netio_stats();
-    assert!(netio.live.is_empty(), "registrations left: {:?}", netio.live);
+    assert!(
+        netio.live.is_empty(),
+        "registrations left: {:?}",
+        netio.live
+    );
     let pool = kernel::pool_stats();
     assert!(pool.balanced(), "pool after unload: {pool:?}\n{}", output());
     assert_eq!(kernel::stopped(), None);
@@ -65,9 +69,16 @@ fn loads_at_a_non_preferred_base_and_gets_the_initial_notification() {
         text.contains("event #1: MibInitialNotification"),
         "the initial notification reached the driver's callback: {text}"
     );
-    assert!(text.contains("DriverEntry: loaded (status 0x00000000)"), "{text}");
+    assert!(
+        text.contains("DriverEntry: loaded (status 0x00000000)"),
+        "{text}"
+    );
     let netio = kernel::netio_stats();
-    assert_eq!(netio.calls, [1, 1, 0], "notify, seed with GetTeredoPort, no cancel");
+    assert_eq!(
+        netio.calls,
+        [1, 1, 0],
+        "notify, seed with GetTeredoPort, no cancel"
+    );
     assert_eq!(netio.live.len(), 1);
     assert_eq!(netio.delivered, 1);
     let unload = machine.driver_unload_routine().expect("DriverUnload set");
@@ -119,19 +130,29 @@ fn port_changes_from_two_threads_while_a_third_classifies() {
     let seen = ok(machine.join(reader));
 
     let last = kernel::client::port().expect("client running");
-    assert_eq!(seen.last().copied(), Some(u32::from(last)), "classify ends on the last port");
+    assert_eq!(
+        seen.last().copied(),
+        Some(u32::from(last)),
+        "classify ends on the last port"
+    );
     for value in &seen {
         let port = u16::try_from(*value).expect("a port, never 'not loaded'");
-        assert!(ports.contains(&port), "classify read {port}, never a client port");
+        assert!(
+            ports.contains(&port),
+            "classify read {port}, never a client port"
+        );
     }
     let deliveries = 2 + 2 * CHANGES_PER_THREAD;
-    assert_eq!(kernel::netio_stats().delivered as usize, deliveries);
+    assert_eq!(kernel::netio_stats().delivered, deliveries as u64);
     assert_eq!(
         driver_lines("event #"),
         deliveries,
         "one log line per callback"
     );
-    assert!(output().contains("at DISPATCH_LEVEL"), "callbacks ran at DISPATCH_LEVEL");
+    assert!(
+        output().contains("at DISPATCH_LEVEL"),
+        "callbacks ran at DISPATCH_LEVEL"
+    );
     assert!(seen.len() > 1, "the reader ran during the changes");
     unload_clean(&machine);
 }
@@ -165,7 +186,11 @@ fn unload_cancels_every_handle_and_late_notifications_never_reach_the_image() {
     let after = kernel::netio_stats();
     assert_eq!(after.delivered, delivered, "no callback ran");
     assert!(after.dropped_after_cancel >= 1);
-    assert_eq!(kernel::debugger_output().len(), lines, "the driver printed nothing");
+    assert_eq!(
+        kernel::debugger_output().len(),
+        lines,
+        "the driver printed nothing"
+    );
 }
 
 /// The `NTSTATUS` a driver returns for a netio status (negative values pass through; the
@@ -197,13 +222,26 @@ fn driver_entry_fails_on_each_documented_status_and_leaves_nothing() {
             "{name}: DriverEntry returned {returned:#x}\n{}",
             output()
         );
-        assert_eq!(machine.driver_unload_routine(), None, "{name}: no DriverUnload");
-        assert!(output().contains("step 1/3"), "{name}: the failing step is logged");
+        assert_eq!(
+            machine.driver_unload_routine(),
+            None,
+            "{name}: no DriverUnload"
+        );
+        assert!(
+            output().contains("step 1/3"),
+            "{name}: the failing step is logged"
+        );
         let netio = kernel::netio_stats();
-        assert!(netio.live.is_empty() && netio.handles.is_empty(), "{name}: {netio:?}");
+        assert!(
+            netio.live.is_empty() && netio.handles.is_empty(),
+            "{name}: {netio:?}"
+        );
         let pool = kernel::pool_stats();
         assert!(pool.balanced(), "{name}: pool leaked {pool:?}");
-        assert!(!ok(machine.driver_unload()), "the I/O manager unloads the image");
+        assert!(
+            !ok(machine.driver_unload()),
+            "the I/O manager unloads the image"
+        );
         failures += 1;
     }
     assert_eq!(failures, DOCUMENTED_STATUS_CODES.len() - 1);
@@ -230,8 +268,15 @@ fn driver_entry_fails_cleanly_on_each_allocation() {
             output()
         );
         assert_eq!(machine.driver_unload_routine(), None);
-        assert!(kernel::netio_stats().live.is_empty(), "allocation {n}: registered");
-        assert!(pool.balanced(), "allocation {n} refused: pool {pool:?}\n{}", output());
+        assert!(
+            kernel::netio_stats().live.is_empty(),
+            "allocation {n}: registered"
+        );
+        assert!(
+            pool.balanced(),
+            "allocation {n} refused: pool {pool:?}\n{}",
+            output()
+        );
         refused_steps += 1;
     }
     assert!(refused_steps >= 2, "DriverEntry allocates at several steps");
@@ -259,13 +304,18 @@ fn driver_entry_above_passive_level_is_an_irql_violation_reported() {
 fn netio_called_at_dispatch_level_stops_the_machine() {
     let machine = boot();
     let notify = kernel::resolve("netio.sys", "GetTeredoPort").expect("modelled");
-    let result = machine.on_cpu("GetTeredoPort at DISPATCH_LEVEL", kernel::DISPATCH_LEVEL, move || {
-        // SAFETY: the model's `GetTeredoPort`, called as the image would call it, with a
-        // valid out pointer.
-        let get = unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u16) -> i32>(notify) };
-        let mut port = 0u16;
-        get(&raw mut port)
-    });
+    let result = machine.on_cpu(
+        "GetTeredoPort at DISPATCH_LEVEL",
+        kernel::DISPATCH_LEVEL,
+        move || {
+            // SAFETY: the model's `GetTeredoPort`, called as the image would call it, with a
+            // valid out pointer.
+            let get =
+                unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u16) -> i32>(notify) };
+            let mut port = 0u16;
+            get(&raw mut port)
+        },
+    );
     match result {
         Err(Stop::Bugcheck(stop)) => {
             assert_eq!(stop.code, kernel::IRQL_NOT_LESS_OR_EQUAL);
@@ -299,7 +349,11 @@ fn a_self_cancel_is_reported_without_a_hang() {
         netio.self_cancels.is_empty(),
         "the library refused before netio could deadlock"
     );
-    assert_eq!(netio.live.len(), 1, "still registered: the cancel was refused");
+    assert_eq!(
+        netio.live.len(),
+        1,
+        "still registered: the cancel was refused"
+    );
 
     // The real DriverUnload, at PASSIVE_LEVEL: the teardown cancels the orphaned
     // registration and frees its context.
