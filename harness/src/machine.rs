@@ -127,7 +127,8 @@ impl Machine {
         &self.image
     }
 
-    /// Runs `f` on a new thread at `irql` (a "processor" of the machine).
+    /// Runs `f` on a new thread at `irql` (a "processor" of the machine). A call that
+    /// returns at another IRQL stops the machine (`IRQL_UNEXPECTED_VALUE`).
     ///
     /// # Panics
     ///
@@ -143,7 +144,16 @@ impl Machine {
             .name(what.to_owned())
             .spawn(move || {
                 kernel::set_irql(irql);
-                let _ = sender.send(f());
+                let value = f();
+                let after = kernel::current_irql();
+                if after != irql {
+                    kernel::bugcheck(
+                        kernel::IRQL_UNEXPECTED_VALUE,
+                        [usize::from(after), usize::from(irql), 0, 0],
+                        format!("a call returned at IRQL {after}, entered at {irql}"),
+                    );
+                }
+                let _ = sender.send(value);
             })
             .expect("spawn a harness thread");
         Cpu {
