@@ -60,7 +60,10 @@ unsafe extern "C" {
 // generates for copies and comparisons). Without a CRT (`/NODEFAULTLIB`) the kernel's own
 // exports provide them, as they do for C drivers. Declared only so that the raw-dylib import
 // library names them; Rust code here never calls them directly.
-#[allow(dead_code, reason = "imported for the code the compiler generates, not called by name")]
+#[allow(
+    dead_code,
+    reason = "imported for the code the compiler generates, not called by name"
+)]
 #[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
 unsafe extern "C" {
     fn memcpy(dest: *mut c_void, src: *const c_void, count: usize) -> *mut c_void;
@@ -129,7 +132,15 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     });
     // SAFETY: `KeBugCheckEx` may be called at any IRQL and has no other precondition; its
     // parameters are only recorded in the crash dump.
-    unsafe { KeBugCheckEx(PANIC_BUGCHECK, line, column, file.as_ptr().addr(), file.len()) }
+    unsafe {
+        KeBugCheckEx(
+            PANIC_BUGCHECK,
+            line,
+            column,
+            file.as_ptr().addr(),
+            file.len(),
+        )
+    }
 }
 
 /// One line of output: at most this many bytes, the rest is cut.
