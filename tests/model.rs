@@ -19,7 +19,8 @@
 //! After each scenario everything is dropped and the counting allocator must be back at its
 //! baseline (see `reliability_common`).
 //!
-//! Cases: 1,000 by default (`PROPTEST_CASES` overrides), 100,000 with `TEREDO_LONG=1`.
+//! Cases: 1,000 by default, 100,000 with `TEREDO_LONG=1`, 10 under Miri; `PROPTEST_CASES`
+//! overrides all three.
 
 mod reliability_common;
 
@@ -737,13 +738,18 @@ fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 fn cases() -> u32 {
-    if long_mode() {
+    if let Some(n) = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        n
+    } else if cfg!(miri) {
+        // Miri interprets every instruction: a few cases over the same code paths.
+        10
+    } else if long_mode() {
         100_000
     } else {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1_000)
+        1_000
     }
 }
 
