@@ -22,6 +22,25 @@ pub const LINK_ARGS: [&str; 5] = [
     "/RELEASE",
 ];
 
+/// Which image to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The release profile, as the Windows flow builds it.
+    Release,
+    /// The release profile with debug assertions on: the library's IRQL checks then panic,
+    /// and the panic handler bugchecks (exercises the shim's panic path in the real image).
+    DebugAssertions,
+}
+
+impl Variant {
+    fn dir(self) -> &'static str {
+        match self {
+            Variant::Release => "release",
+            Variant::DebugAssertions => "debug-assertions",
+        }
+    }
+}
+
 /// The repository root (the harness lives in `harness/`).
 #[must_use]
 pub fn repository_root() -> PathBuf {
@@ -40,9 +59,15 @@ pub fn target_dir() -> PathBuf {
     )
 }
 
-/// The `cargo` command line that builds the `.sys`, without the program name.
+/// The `cargo` command line that builds the release `.sys`, without the program name.
 #[must_use]
 pub fn cargo_args() -> Vec<String> {
+    cargo_args_for(Variant::Release)
+}
+
+/// The `cargo` command line that builds `variant`, without the program name.
+#[must_use]
+pub fn cargo_args_for(variant: Variant) -> Vec<String> {
     let manifest = repository_root().join("examples/teredo-monitor/Cargo.toml");
     let rustflags = std::iter::once("\"-Clinker-flavor=lld-link\"".to_owned())
         .chain(LINK_ARGS.iter().map(|a| format!("\"-Clink-arg={a}\"")))
@@ -67,6 +92,17 @@ pub fn cargo_args() -> Vec<String> {
     ]
     .iter()
     .map(|s| (*s).to_owned())
+    .chain(
+        (variant == Variant::DebugAssertions)
+            .then(|| {
+                [
+                    "--config".to_owned(),
+                    "profile.release.debug-assertions=true".to_owned(),
+                ]
+            })
+            .into_iter()
+            .flatten(),
+    )
     .collect()
 }
 
@@ -76,10 +112,20 @@ pub fn cargo_args() -> Vec<String> {
 ///
 /// The build's own output when it fails, or the I/O error.
 pub fn build_sys() -> Result<PathBuf, String> {
+    build_variant(Variant::Release)
+}
+
+/// Builds `variant` (each in a target directory of its own, so that switching does not
+/// rebuild) and copies the image to `<its target dir>/teredo_monitor.sys`.
+///
+/// # Errors
+///
+/// The build's own output when it fails, or the I/O error.
+pub fn build_variant(variant: Variant) -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target_dir = target_dir();
+    let target_dir = target_dir().join(variant.dir());
     let output = Command::new(cargo)
-        .args(cargo_args())
+        .args(cargo_args_for(variant))
         .current_dir(repository_root())
         .env("CARGO_TARGET_DIR", &target_dir)
         // The outer build's flags and wrappers (clippy's, coverage's) are not this build's.
@@ -113,6 +159,23 @@ pub fn sys_image() -> Result<&'static [u8], String> {
     IMAGE
         .get_or_init(|| {
             let path = build_sys()?;
+            std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+        })
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
+/// The `.sys` with debug assertions on ([`Variant::DebugAssertions`]), built once per
+/// process.
+///
+/// # Errors
+///
+/// As [`build_variant`].
+pub fn debug_assertions_image() -> Result<&'static [u8], String> {
+    static IMAGE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let path = build_variant(Variant::DebugAssertions)?;
             std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
         })
         .as_deref()

@@ -360,3 +360,29 @@ fn a_self_cancel_is_reported_without_a_hang() {
     unload_clean(&machine);
     assert!(output().contains("DriverUnload at PASSIVE_LEVEL: no driver state"));
 }
+
+#[test]
+fn with_debug_assertions_an_irql_violation_panics_and_the_panic_bugchecks() {
+    let sys = sysbuild::debug_assertions_image()
+        .unwrap_or_else(|e| panic!("the debug-assertions .sys must build: {e}"));
+    let machine = Machine::boot(sys, false).unwrap_or_else(|e| panic!("loads: {e}"));
+    match machine.driver_entry_at(kernel::DISPATCH_LEVEL) {
+        Err(Stop::Bugcheck(stop)) => {
+            assert_eq!(
+                stop.code,
+                u32::from_be_bytes(*b"TMON"),
+                "the shim's panic code"
+            );
+            assert!(stop.reason.contains("panic at"), "{stop}");
+            assert!(
+                stop.reason.contains("nt.rs"),
+                "the library's IRQL check: {stop}"
+            );
+            let text = output();
+            assert!(text.contains("teredo-monitor: panic:"), "{text}");
+            assert!(text.contains("requires"), "the panic message: {text}");
+        }
+        other => panic!("expected the panic's bugcheck, got {other:?}\n{}", output()),
+    }
+    assert_eq!(kernel::netio_stats().calls, [0, 0, 0]);
+}
