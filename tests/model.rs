@@ -19,7 +19,7 @@
 //! After each scenario everything is dropped and the counting allocator must be back at its
 //! baseline (see `reliability_common`).
 //!
-//! Cases: 1,000 by default, 100,000 with `TEREDO_LONG=1`, 10 under Miri; `PROPTEST_CASES`
+//! Cases: 1,000 by default, 100,000 with `TEREDO_LONG=1`, 4 under Miri; `PROPTEST_CASES`
 //! overrides all three.
 
 mod reliability_common;
@@ -744,8 +744,9 @@ fn cases() -> u32 {
     {
         n
     } else if cfg!(miri) {
-        // Miri interprets every instruction: a few cases over the same code paths.
-        10
+        // Miri interprets every instruction (about 20 s a case here): a few cases over the
+        // same code paths.
+        4
     } else if long_mode() {
         100_000
     } else {
