@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use teredo_harness::kernel::{self, Delivery, NetioCall};
 use teredo_harness::{Machine, Stop, sysbuild};
@@ -99,7 +99,10 @@ fn port_changes_from_two_threads_while_a_third_classifies() {
         .export("TeredoMonitorClassifyPort")
         .expect("the shim exports the classify stand-in");
     let stop = Arc::new(AtomicBool::new(false));
-    let reader_stop = Arc::clone(&stop);
+    // Reads so far: each change waits for the reader to read again, so that reads and
+    // changes interleave however the host schedules the threads.
+    let reads = Arc::new(AtomicUsize::new(0));
+    let (reader_stop, reader_reads) = (Arc::clone(&stop), Arc::clone(&reads));
     let reader = machine.spawn("classify", kernel::DISPATCH_LEVEL, move || {
         // SAFETY: `TeredoMonitorClassifyPort` is `unsafe extern "system" fn() -> u32` in
         // the shim, callable at <= DISPATCH_LEVEL while the driver is loaded; DriverUnload
@@ -107,17 +110,25 @@ fn port_changes_from_two_threads_while_a_third_classifies() {
         let classify =
             unsafe { std::mem::transmute::<usize, extern "win64" fn() -> u32>(classify) };
         let mut seen = Vec::new();
-        while !reader_stop.load(Ordering::Relaxed) {
+        while !reader_stop.load(Ordering::SeqCst) {
             seen.push(classify());
+            reader_reads.fetch_add(1, Ordering::SeqCst);
         }
         seen.push(classify());
         seen
     });
     let changers: Vec<_> = (0..2)
         .map(|n| {
-            machine.spawn(&format!("client restarts {n}"), 0, || {
+            let reads = Arc::clone(&reads);
+            machine.spawn(&format!("client restarts {n}"), 0, move || {
                 (0..CHANGES_PER_THREAD)
-                    .map(|_| kernel::client::start())
+                    .map(|_| {
+                        let before = reads.load(Ordering::SeqCst);
+                        while reads.load(Ordering::SeqCst) == before {
+                            std::thread::yield_now();
+                        }
+                        kernel::client::start()
+                    })
                     .collect::<Vec<u16>>()
             })
         })
@@ -153,7 +164,10 @@ fn port_changes_from_two_threads_while_a_third_classifies() {
         output().contains("at DISPATCH_LEVEL"),
         "callbacks ran at DISPATCH_LEVEL"
     );
-    assert!(seen.len() > 1, "the reader ran during the changes");
+    assert!(
+        seen.len() > CHANGES_PER_THREAD,
+        "a read before every change of each thread"
+    );
     unload_clean(&machine);
 }
 
