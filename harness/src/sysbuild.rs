@@ -106,6 +106,26 @@ pub fn cargo_args_for(variant: Variant) -> Vec<String> {
     .collect()
 }
 
+/// Adds the Windows target with `rustup` when it is missing, so that the main job stays one
+/// command on a fresh clone. Without `rustup` nothing happens (the build then says what is
+/// missing).
+fn ensure_target() {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    if let Ok(output) = installed
+        && output.status.success()
+        && !String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .any(|l| l.trim() == TARGET)
+    {
+        eprintln!("kernel-box: rustup target add {TARGET}");
+        let _ = Command::new("rustup")
+            .args(["target", "add", TARGET])
+            .status();
+    }
+}
+
 /// Runs the nested build and copies the image to `<target dir>/teredo_monitor.sys`.
 ///
 /// # Errors
@@ -122,6 +142,7 @@ pub fn build_sys() -> Result<PathBuf, String> {
 ///
 /// The build's own output when it fails, or the I/O error.
 pub fn build_variant(variant: Variant) -> Result<PathBuf, String> {
+    ensure_target();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = target_dir().join(variant.dir());
     let output = Command::new(cargo)
