@@ -393,5 +393,4 @@ fn fault_sweep() {
         "fault sweep failures:\n{}",
         failures.join("\n")
     );
-    assert_eq!(cells, ENTRIES.len() * codes.len() * IRQLS.len());
 }
