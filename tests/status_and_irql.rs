@@ -77,7 +77,6 @@ fn every_status_on_get_teredo_port_is_named_and_keeps_the_raw_code() {
 }
 
 #[test]
-#[cfg_attr(miri, ignore = "leaks the watcher's context by design (never dangles)")]
 fn every_status_on_cancel_is_returned_and_the_handle_stays_for_teardown() {
     for raw in failure_codes() {
         let netio = MockNetio::new();
@@ -128,7 +127,6 @@ fn assert_irql_error(result: Result<impl std::fmt::Debug, Error>, op: &str, at: 
 }
 
 #[test]
-#[cfg_attr(miri, ignore = "leaks the watcher's context by design (never dangles)")]
 fn entry_points_refuse_a_too_high_irql_with_an_error_value() {
     set_violation_policy(ViolationPolicy::Record);
     let netio = MockNetio::new();
