@@ -377,6 +377,49 @@ pub fn pool_stats() -> PoolStats {
     lock().pool.stats
 }
 
+/// One pool block allocated and not freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PoolBlock {
+    /// Its address, as `ExAllocatePool2` returned it.
+    pub address: usize,
+    /// Bytes requested.
+    pub size: usize,
+    /// Pool tag.
+    pub tag: u32,
+}
+
+/// Every pool block allocated and not freed, by address (for residue checks: which blocks
+/// are left, not only how many).
+#[must_use]
+pub fn pool_blocks() -> Vec<PoolBlock> {
+    let state = lock();
+    let mut blocks: Vec<PoolBlock> = state
+        .pool
+        .blocks
+        .iter()
+        .map(|(address, block)| PoolBlock {
+            address: *address,
+            size: block.layout.size(),
+            tag: block.tag,
+        })
+        .collect();
+    blocks.sort_unstable();
+    blocks
+}
+
+/// The caller context netio keeps for each registration not cancelled, as
+/// `(handle, context)` by handle: what a notification would be delivered with.
+#[must_use]
+pub fn live_contexts() -> Vec<(usize, usize)> {
+    lock()
+        .netio
+        .registrations
+        .iter()
+        .filter(|(_, r)| !r.cancelled)
+        .map(|(h, r)| (*h, r.context))
+        .collect()
+}
+
 /// Lets `count` more allocations succeed, then refuses one (`ExAllocatePool2` returns
 /// NULL), then succeeds again.
 pub fn fail_allocation_after(count: u64) {
