@@ -62,7 +62,7 @@ impl Default for WatcherOptions {
 ///
 /// | method | IRQL |
 /// |---|---|
-/// | [`new`](Self::new), [`with_subscriber`](Self::with_subscriber) | `< DISPATCH_LEVEL` |
+/// | [`new`](Self::new), [`with_subscriber`](Self::with_subscriber) | `PASSIVE_LEVEL` (stricter than netio's `< DISPATCH_LEVEL`: see [`new`](Self::new)) |
 /// | [`current_port`](Self::current_port), [`exceptions`](Self::exceptions), [`stats`](Self::stats) | `<= DISPATCH_LEVEL` |
 /// | [`query_port`](Self::query_port), [`subscribe`](Self::subscribe), [`subscribe_with_snapshot`](Self::subscribe_with_snapshot) | `< DISPATCH_LEVEL` |
 /// | [`unsubscribe`](Self::unsubscribe) | `< DISPATCH_LEVEL`; `<= DISPATCH_LEVEL` inside a callback |
@@ -114,7 +114,10 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     ///
     /// # IRQL
     ///
-    /// `< DISPATCH_LEVEL`.
+    /// `PASSIVE_LEVEL`. `NotifyTeredoPortChange` itself allows `APC_LEVEL`, but cancelling
+    /// needs `PASSIVE_LEVEL`: a watcher created at `APC_LEVEL` could not be undone by the
+    /// failure path right after it (a driver's rollback), leaving a live registration into
+    /// an image about to unload. So creation requires the level its undo requires.
     ///
     /// # Errors
     ///
@@ -130,7 +133,7 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     ///
     /// # IRQL
     ///
-    /// `< DISPATCH_LEVEL`.
+    /// `PASSIVE_LEVEL`, as [`new`](Self::new).
     ///
     /// # Errors
     ///
@@ -158,7 +161,9 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     where
         F: FnMut(TeredoEvent) + Send + 'static,
     {
-        irql::check::<S::Kernel>("TeredoPortWatcher::new", IrqlBound::BelowDispatch)?;
+        // PASSIVE_LEVEL, not netio's `< DISPATCH_LEVEL`: what is created here must be undoable
+        // here (see `new`). regression: harness/tests/fault_sweep.rs, finding F1.
+        irql::check::<S::Kernel>("TeredoPortWatcher::new", IrqlBound::Passive)?;
         let registry = Registry::<S::Kernel>::new(options.max_subscribers)?;
         let first_id = match first {
             Some(f) => Some(registry.subscribe(f, false)?),
@@ -167,7 +172,7 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         let registry = NonNull::from(Box::leak(try_box(registry)?));
         // SAFETY: the registry is freed below only if registration failed without leaving it
         // in use, and otherwise only after `release` returns Ok (type invariant); we are at
-        // < DISPATCH_LEVEL (checked above).
+        // PASSIVE_LEVEL (checked above).
         match unsafe { table.register(registry, options.initial_notification) } {
             Ok(entry) => {
                 // INVARIANT: the registry is registered as `entry` and owned by the watcher.

@@ -100,9 +100,7 @@ impl Entry {
     /// The operation name and bound of its IRQL check.
     fn irql_check(self) -> (&'static str, IrqlBound) {
         match self {
-            Entry::Create | Entry::CreateSeed => {
-                ("TeredoPortWatcher::new", IrqlBound::BelowDispatch)
-            }
+            Entry::Create | Entry::CreateSeed => ("TeredoPortWatcher::new", IrqlBound::Passive),
             Entry::Query => ("GetTeredoPort", IrqlBound::BelowDispatch),
             Entry::Unregister | Entry::Drop => {
                 ("TeredoPortWatcher::unregister", IrqlBound::Passive)

@@ -43,26 +43,24 @@
 //! - after a clean unload, a late notification on every handle the driver had is dropped and
 //!   the driver prints nothing.
 //!
-//! # Finding F1 (pinned, not fixed here)
+//! # Finding F1 (fixed)
 //!
 //! `DriverEntry` at `APC_LEVEL` (outside the I/O manager's contract, which is
-//! `PASSIVE_LEVEL`, but allowed by the library for step 1: `TeredoPortWatcher::new` is
-//! documented `< DISPATCH_LEVEL`) registers, and when a later step fails (the `cancel@rollback`
-//! rows refuse step 3's allocation) the rollback cannot undo it: `unregister` and `teardown`
-//! require `PASSIVE_LEVEL` and refuse with an error value. `DriverEntry` then returns
-//! `STATUS_INSUFFICIENT_RESOURCES` with the registration live and every block it allocated
-//! left (the context netio holds among them); the image is unloaded while netio can still
-//! call it. The cells assert exactly that outcome (marked `F1` in the table), so a fix of the
-//! driver (for instance refusing anything but `PASSIVE_LEVEL` before step 1) makes them fail
-//! and the expectation must be updated with it.
+//! `PASSIVE_LEVEL`) used to register, because the library allowed `TeredoPortWatcher::new`
+//! at `< DISPATCH_LEVEL` as netio does; when a later step failed, the rollback could not undo
+//! it (`unregister` and `teardown` require `PASSIVE_LEVEL`), and `DriverEntry` returned with
+//! the registration live in an image about to unload. The library now requires
+//! `PASSIVE_LEVEL` to create a watcher, so at `APC_LEVEL` step 1 is refused before netio is
+//! reached, as at `DISPATCH_LEVEL`: those cells assert that.
 //!
 //! # Other findings (not asserted either way)
 //!
 //! - The seed's raw status never reaches the driver's output: the library drops a failed
 //!   `GetTeredoPort` at creation, so the `seed` cells can only check `port=none`.
-//! - `cancel@unload` (once): the teardown cancels the registration (0 live, pool balanced),
-//!   yet the shim logs `unload left registrations behind`, because
-//!   `UnloadReport::is_clean` counts the failed first cancel even though the retry succeeded.
+//! - `cancel@unload` (once), finding F3 (fixed, asserted): the teardown cancels the
+//!   registration (0 live, pool balanced), and the shim no longer logs `unload left
+//!   registrations behind` (`UnloadReport::is_clean` used to count the failed first cancel
+//!   even though the retry succeeded).
 //!
 //! # The documented residue (`x2` rows)
 //!
@@ -331,15 +329,23 @@ fn run_cell(
     let cb = irql_name(column.callback);
     ensure_logged(&["DriverEntry at ", irql_name(column.entry)])?;
 
-    // DISPATCH_LEVEL: refused before netio is reached, whatever was injected.
-    if column.entry >= kernel::DISPATCH_LEVEL {
+    // Above PASSIVE_LEVEL (APC or DISPATCH): refused before netio is reached, whatever was
+    // injected (finding F1: creating a watcher requires the level its undo requires).
+    if column.entry >= kernel::APC_LEVEL {
         ensure(status == STATUS_INVALID_DEVICE_STATE, || {
-            format!("DriverEntry at DISPATCH_LEVEL returned {status:#x}")
+            format!(
+                "DriverEntry at {} returned {status:#x}",
+                irql_name(column.entry)
+            )
         })?;
-        ensure_logged(&["step 1/3", "requires IRQL < DISPATCH_LEVEL", &hex(status)])?;
+        ensure_logged(&["step 1/3", "requires IRQL == PASSIVE_LEVEL", &hex(status)])?;
         let netio = kernel::netio_stats();
         ensure(netio.calls == [0, 0, 0], || {
-            format!("netio reached at DISPATCH_LEVEL: {:?}", netio.calls)
+            format!(
+                "netio reached at {}: {:?}",
+                irql_name(column.entry),
+                netio.calls
+            )
         })?;
         ensure(machine.driver_unload_routine().is_none(), || {
             "DriverUnload set on failure".into()
@@ -391,7 +397,7 @@ fn run_cell(
     ensure_logged(&["event #1: MibInitialNotification", &format!("at {cb}")])?;
 
     if row.rollback() {
-        return rollback_cell(&machine, column.entry, entry_allocations, row, code, status);
+        return rollback_cell(&machine, entry_allocations, row, code, status);
     }
 
     // Loaded.
@@ -502,6 +508,10 @@ fn run_cell(
             &hex(code),
         ])?;
         ensure_logged(&["handle table torn down: 1 left to cancel, 0 failed, 0 live"])?;
+        // The teardown's retry cancelled it: the unload is clean (finding F3, fixed).
+        ensure(!logged(&["unload left registrations behind"]), || {
+            "the shim reports registrations left behind after a successful retry".into()
+        })?;
     } else {
         ensure_logged(&["registration cancelled after 2 notifications"])?;
         ensure_logged(&["handle table torn down: 0 left to cancel, 0 failed, 0 live"])?;
@@ -522,7 +532,6 @@ fn run_cell(
 /// does), the status is `STATUS_INSUFFICIENT_RESOURCES`.
 fn rollback_cell(
     machine: &Machine,
-    entry_irql: u8,
     entry_allocations: u64,
     row: Row,
     code: i32,
@@ -536,29 +545,6 @@ fn rollback_cell(
     ensure(machine.driver_unload_routine().is_none(), || {
         "DriverUnload set on failure".into()
     })?;
-    if entry_irql == kernel::APC_LEVEL {
-        // Finding F1, pinned: at APC_LEVEL the library lets step 1 register (its bound is
-        // < DISPATCH_LEVEL) but refuses the rollback's cancel and teardown (== PASSIVE_LEVEL),
-        // so DriverEntry fails with the registration still live and its context allocated;
-        // the I/O manager then unloads the image netio still calls into. The cancel fault
-        // injected for the row is never reached.
-        ensure_logged(&[
-            "rollback: cancel failed (TeredoPortWatcher::unregister called at APC_LEVEL; \
-             it requires IRQL == PASSIVE_LEVEL)",
-        ])?;
-        ensure_logged(&["rollback: teardown refused: HandleTable::teardown called at APC_LEVEL"])?;
-        let netio = kernel::netio_stats();
-        ensure(netio.calls == [1, 1, 0], || {
-            format!("calls {:?}", netio.calls)
-        })?;
-        ensure(!stop(machine.driver_unload())?, || "unloaded".into())?;
-        ensure(kernel::stopped().is_none(), || "stopped".into())?;
-        let pool = entry_residue(entry_allocations)?;
-        return Ok(format!(
-            "F1 live, {}b/{}B",
-            pool.live_blocks, pool.live_bytes
-        ));
-    }
     let cancels = if fails { 2 } else { 1 };
     let netio = kernel::netio_stats();
     ensure(netio.calls == [1, 1, cancels], || {
@@ -662,7 +648,6 @@ fn fault_sweep_on_the_sys() {
     let mut table = String::new();
     let mut failures = Vec::new();
     let mut cells = 0usize;
-    let mut pinned = 0usize;
     let mut header = String::new();
     for c in COLUMNS {
         let title = format!(
@@ -681,10 +666,7 @@ fn fault_sweep_on_the_sys() {
                 cells += 1;
                 let outcome = run_cell(sys, entry_allocations, row, code, column);
                 let text = match outcome {
-                    Ok(text) => {
-                        pinned += usize::from(text.starts_with("F1"));
-                        text
-                    }
+                    Ok(text) => text,
                     Err(why) => {
                         failures.push(format!(
                             "{row:?} x {name} x entry {} / callbacks {}: {why}",
@@ -705,11 +687,10 @@ fn fault_sweep_on_the_sys() {
         "legend: entry/cb = IRQL of DriverEntry / of the callbacks (P PASSIVE, A APC, D DISPATCH); \
          * = undocumented code; IRQL = refused before netio with this status; fail = \
          DriverEntry's status; residue Nb/MB = N pool blocks, M bytes left by design (the \
-         registration stays live); F1 = finding F1 (see the module docs): DriverEntry at \
-         APC_LEVEL fails with its registration left live"
+         registration stays live)"
     );
     println!(
-        "fault sweep on the .sys: {} of {cells} cells hold, {pinned} of them as pinned finding F1 \
+        "fault sweep on the .sys: {} of {cells} cells hold \
          ({} rows x {} codes x {} IRQL columns; sweep {:.2} s, image build {:.2} s)",
         cells - failures.len(),
         ROWS.len(),

@@ -306,12 +306,12 @@ pub struct UnloadReport {
 }
 
 impl UnloadReport {
-    /// Whether every registration was cancelled: the driver's own, and anything the
-    /// teardown found.
+    /// Whether every registration ended up cancelled: the driver's own, and anything the
+    /// teardown found. A failed `unregister` leaves its handle in the table, so a clean
+    /// teardown (no failed or skipped cancel) means the retry cancelled it.
     #[must_use]
     pub fn is_clean(&self) -> bool {
-        !matches!(self.unregister, Some(Err(_)))
-            && self.teardown.as_ref().is_ok_and(TeardownReport::is_clean)
+        self.teardown.as_ref().is_ok_and(TeardownReport::is_clean)
     }
 }
 
