@@ -80,6 +80,7 @@ pub struct TeredoPortWatcher<'t, S: PortSource> {
     table: &'t HandleTable<S>,
     entry: EntryId,
     registry: NonNull<Registry<S::Kernel>>,
+    seed_error: Option<Error>,
     _owns: PhantomData<Registry<S::Kernel>>,
 }
 
@@ -176,14 +177,15 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         match unsafe { table.register(registry, options.initial_notification) } {
             Ok(entry) => {
                 // INVARIANT: the registry is registered as `entry` and owned by the watcher.
-                let watcher = TeredoPortWatcher {
+                let mut watcher = TeredoPortWatcher {
                     table,
                     entry,
                     registry,
+                    seed_error: None,
                     _owns: PhantomData,
                 };
                 if options.seed_current_port {
-                    watcher.seed();
+                    watcher.seed_error = watcher.seed().err();
                 }
                 Ok((watcher, first_id))
             }
@@ -203,12 +205,24 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         unsafe { self.registry.as_ref() }
     }
 
-    fn seed(&self) {
+    fn seed(&self) -> Result<(), Error> {
         let before = self.registry().snapshot_state();
-        if let Ok(port) = self.table.source().teredo_port() {
-            // Refused if a notification arrived meanwhile: it carries a newer port.
-            let _ = self.registry().seed(before, TeredoPort::new(port));
-        }
+        let port = self.table.source().teredo_port()?;
+        // Refused if a notification arrived meanwhile: it carries a newer port.
+        let _ = self.registry().seed(before, TeredoPort::new(port));
+        Ok(())
+    }
+
+    /// Why seeding the port with `GetTeredoPort` at creation failed, if it did (with its raw
+    /// status): for instance [`Error::TeredoNotStarted`]. Creation does not fail for it;
+    /// [`current_port`](Self::current_port) is then `None` until the first notification.
+    ///
+    /// # IRQL
+    ///
+    /// Any.
+    #[must_use]
+    pub fn seed_error(&self) -> Option<Error> {
+        self.seed_error
     }
 
     /// The last known Teredo port: from the last notification, or from `GetTeredoPort` at

@@ -155,6 +155,13 @@ fn a_failed_seed_is_not_an_error_and_leaves_the_port_unknown() {
     let table = HandleTable::new(netio.clone());
     let watcher = TeredoPortWatcher::new(&table, options(true)).expect("register");
     assert_eq!(watcher.current_port(), None);
+    let err = watcher.seed_error().expect("the seed failed");
+    assert!(matches!(err, Error::NoIpv6Stack { .. }), "{err:?}");
+    assert_eq!(err.status().map(|s| s.0.cast_unsigned()), Some(0xC000_00BB));
+    netio.set_ipv6(true);
+    let seeded = TeredoPortWatcher::new(&table, options(true)).expect("register");
+    assert_eq!(seeded.seed_error(), None);
+    assert!(seeded.current_port().is_some());
 }
 
 #[test]

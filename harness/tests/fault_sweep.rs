@@ -55,8 +55,9 @@
 //!
 //! # Other findings (not asserted either way)
 //!
-//! - The seed's raw status never reaches the driver's output: the library drops a failed
-//!   `GetTeredoPort` at creation, so the `seed` cells can only check `port=none`.
+//! - Finding F2 (fixed, asserted): a failed seed's raw status did not reach the driver's
+//!   output (the library dropped it); `TeredoPortWatcher::seed_error` now keeps it and the
+//!   driver logs it, and the `seed` cells check the error text and the raw code.
 //! - `cancel@unload` (once), finding F3 (fixed, asserted): the teardown cancels the
 //!   registration (0 live, pool balanced), and the shim no longer logs `unload left
 //!   registrations behind` (`UnloadReport::is_clean` used to count the failed first cancel
@@ -413,6 +414,14 @@ fn run_cell(
         format!("udp/{client_port}")
     };
     ensure_logged(&[&format!("GetTeredoPort seeded port={seeded}")])?;
+    if row == Row::Seed && fails {
+        // The raw status reaches the driver's output (finding F2, fixed).
+        ensure_logged(&[
+            "the seed failed: GetTeredoPort",
+            documented_error_text(code),
+            &hex(code),
+        ])?;
+    }
     ensure_logged(&["DriverEntry: loaded (status 0x00000000)"])?;
     let read = classify(&machine)?;
     let expected_read = if row == Row::Seed && fails {

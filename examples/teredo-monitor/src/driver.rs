@@ -230,6 +230,10 @@ fn load<S: PortSource>(
         "DriverEntry: registered; GetTeredoPort seeded port={}",
         Port(watcher.current_port())
     );
+    if let Some(error) = watcher.seed_error() {
+        // Not a failure of DriverEntry: the port is learnt from the next notification.
+        log!("DriverEntry: the seed failed: {error}");
+    }
 
     // Step 2. Undo: cancel the registration.
     if let Err(error) = watcher.subscribe_with_snapshot(exception_subscriber()) {
