@@ -24,7 +24,7 @@ use core::ptr::NonNull;
 use crate::error::Error;
 use crate::event::TeredoPort;
 use crate::irql::{self, IrqlBound};
-use crate::kernel::{Kernel, SpinLock};
+use crate::kernel::{Kernel, SpinLock, SpinLockGuard};
 use crate::registry::{Registry, trampoline};
 use crate::source::{PortSource, RawHandle};
 
@@ -299,10 +299,7 @@ impl<S: PortSource> HandleTable<S> {
                 Ok(id)
             }
             Err(e) => {
-                free_entry(entry);
-                let unused = take_buffer_if_unused(&mut inner);
-                drop(inner);
-                drop(unused);
+                free_owned(inner, id.index);
                 let maybe_live = e.status().is_some_and(|s| s.0 == 0);
                 Err((e, maybe_live))
             }
@@ -384,10 +381,7 @@ impl<S: PortSource> HandleTable<S> {
                         handle
                     }
                     EntryState::Cancelled => {
-                        free_entry(entry);
-                        let unused = take_buffer_if_unused(&mut inner);
-                        drop(inner);
-                        drop(unused);
+                        free_owned(inner, id.index);
                         return Ok(());
                     }
                     EntryState::Cancelling => {
@@ -409,10 +403,7 @@ impl<S: PortSource> HandleTable<S> {
             let entry = &mut inner.entries[id.index];
             return match result {
                 Ok(()) => {
-                    free_entry(entry);
-                    let unused = take_buffer_if_unused(&mut inner);
-                    drop(inner);
-                    drop(unused);
+                    free_owned(inner, id.index);
                     Ok(())
                 }
                 Err(e) => {
@@ -457,6 +448,17 @@ fn take_buffer_if_unused<K: Kernel>(inner: &mut Inner<K>) -> Vec<Entry<K>> {
     } else {
         Vec::new()
     }
+}
+
+/// Frees the entry at `index`, whose watcher still owns its registry (so there is no orphan
+/// to free), then releases the lock and frees the table's buffer if that was its last entry
+/// in use.
+fn free_owned<K: Kernel>(mut inner: SpinLockGuard<'_, K, Inner<K>>, index: usize) {
+    let _owned_by_the_watcher = free_entry(&mut inner.entries[index]);
+    let unused = take_buffer_if_unused(&mut inner);
+    drop(inner);
+    // The buffer, if any, is freed here, outside the lock.
+    drop(unused);
 }
 
 /// Frees the registry of an orphaned entry whose registration is cancelled. Call it without
