@@ -100,7 +100,7 @@ pub struct HandleTable<S: PortSource> {
 
 impl<S: PortSource> HandleTable<S> {
     /// An empty table over `source`. `const`, so a driver can keep it in a `static`.
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     #[must_use]
     pub const fn new(source: S) -> Self {
         HandleTable {
@@ -113,7 +113,7 @@ impl<S: PortSource> HandleTable<S> {
     }
 
     /// An empty table over `source`.
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     #[must_use]
     pub fn new(source: S) -> Self {
         HandleTable {
@@ -482,7 +482,7 @@ impl<S: PortSource> core::fmt::Debug for HandleTable<S> {
     }
 }
 
-#[cfg(all(test, feature = "mock", not(loom)))]
+#[cfg(all(test, feature = "mock", not(teredo_watcher_loom)))]
 mod tests {
     use super::HandleTable;
     use crate::mock::MockNetio;

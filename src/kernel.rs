@@ -45,11 +45,11 @@ pub unsafe trait Kernel: Send + Sync + 'static {
     type RawSpinLock: Send + Sync;
 
     /// A new, released lock.
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     const UNLOCKED: Self::RawSpinLock;
 
     /// A new, released lock (loom's atomics cannot be built in a `const`).
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     fn new_lock() -> Self::RawSpinLock;
 
     /// The IRQL of the calling thread.
@@ -99,7 +99,7 @@ unsafe impl<K: Kernel, T: Send> Sync for SpinLock<K, T> {}
 unsafe impl<K: Kernel, T: Send> Send for SpinLock<K, T> {}
 
 impl<K: Kernel, T> SpinLock<K, T> {
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     pub(crate) const fn new(value: T) -> Self {
         SpinLock {
             raw: K::UNLOCKED,
@@ -107,7 +107,7 @@ impl<K: Kernel, T> SpinLock<K, T> {
         }
     }
 
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     pub(crate) fn new(value: T) -> Self {
         SpinLock {
             raw: K::new_lock(),

@@ -26,10 +26,10 @@ unsafe impl Kernel for NtKernel {
     // same size and alignment lets the kernel modify it through a shared reference.
     type RawSpinLock = AtomicUsize;
 
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     const UNLOCKED: AtomicUsize = AtomicUsize::new(0);
 
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     fn new_lock() -> AtomicUsize {
         AtomicUsize::new(0)
     }

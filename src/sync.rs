@@ -1,20 +1,20 @@
 //! Facade over the atomics and cells the library uses.
 //!
-//! Under `--cfg loom` every primitive is loom's, so the model tests in `tests/loom.rs`
+//! Under `--cfg teredo_watcher_loom` every primitive is loom's, so the model tests in `tests/loom.rs`
 //! explore the interleavings of the real code (the tokio/crossbeam pattern). In every other
 //! build these are `core`'s own types with no cost.
 
-#[cfg(not(loom))]
+#[cfg(not(teredo_watcher_loom))]
 pub(crate) use core::sync::atomic;
-#[cfg(loom)]
+#[cfg(teredo_watcher_loom)]
 pub(crate) use loom::sync::atomic;
 
 /// Spin-wait hint for loops that wait on another CPU (a `pause` instruction on x86).
 #[inline]
 pub(crate) fn spin_hint() {
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     core::hint::spin_loop();
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     loom::thread::yield_now();
 }
 
@@ -23,27 +23,27 @@ pub(crate) fn spin_hint() {
 /// there the `SeqCst` operations themselves are ordered in the single total order. loom
 /// treats `SeqCst` loads, stores and read-modify-writes as `AcqRel` (loom README,
 /// "Unsupported features"; tokio-rs/loom#180), which would report executions the C++ memory
-/// model forbids; it does model `fence(SeqCst)` exactly, so under `--cfg loom` this is one.
+/// model forbids; it does model `fence(SeqCst)` exactly, so under `--cfg teredo_watcher_loom` this is one.
 #[inline]
 pub(crate) fn seq_cst_point() {
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     loom::sync::atomic::fence(atomic::Ordering::SeqCst);
 }
 
 /// `UnsafeCell` with the closure-based API of loom's, so access is tracked under loom.
 #[derive(Debug)]
 pub(crate) struct UnsafeCell<T>(
-    #[cfg(not(loom))] core::cell::UnsafeCell<T>,
-    #[cfg(loom)] loom::cell::UnsafeCell<T>,
+    #[cfg(not(teredo_watcher_loom))] core::cell::UnsafeCell<T>,
+    #[cfg(teredo_watcher_loom)] loom::cell::UnsafeCell<T>,
 );
 
 impl<T> UnsafeCell<T> {
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     pub(crate) const fn new(value: T) -> Self {
         Self(core::cell::UnsafeCell::new(value))
     }
 
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     pub(crate) fn new(value: T) -> Self {
         Self(loom::cell::UnsafeCell::new(value))
     }
@@ -51,11 +51,11 @@ impl<T> UnsafeCell<T> {
     /// Runs `f` with a shared pointer to the value.
     #[inline]
     pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
-        #[cfg(not(loom))]
+        #[cfg(not(teredo_watcher_loom))]
         {
             f(self.0.get())
         }
-        #[cfg(loom)]
+        #[cfg(teredo_watcher_loom)]
         {
             self.0.with(f)
         }
@@ -64,11 +64,11 @@ impl<T> UnsafeCell<T> {
     /// Runs `f` with an exclusive pointer to the value.
     #[inline]
     pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
-        #[cfg(not(loom))]
+        #[cfg(not(teredo_watcher_loom))]
         {
             f(self.0.get())
         }
-        #[cfg(loom)]
+        #[cfg(teredo_watcher_loom)]
         {
             self.0.with_mut(f)
         }

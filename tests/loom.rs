@@ -1,7 +1,7 @@
 //! loom models of the races the library's design rests on.
 //!
-//! Run with `.ci/loom` (`RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release
-//! --test loom`). Under `--cfg loom` the library's atomics, cells and spin lock (through
+//! Run with `.ci/loom` (`RUSTFLAGS="--cfg teredo_watcher_loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release
+//! --test loom`). Under `--cfg teredo_watcher_loom` the library's atomics, cells and spin lock (through
 //! `MockKernel`) are loom's, so loom explores the interleavings of the real registry, handle
 //! table and watcher code. The host `MockNetio` uses std threads and locks, which loom cannot
 //! control, so the models use [`LoomNetio`]: a small port source built on loom's `Mutex` and
@@ -12,7 +12,7 @@
 //! Subscribers record what they receive in a loom `UnsafeCell`, so two calls of one
 //! subscriber at once, or a call not ordered after the subscription, is reported by loom
 //! as a data race; a drop flag in each subscriber catches any call after it was freed.
-#![cfg(loom)]
+#![cfg(teredo_watcher_loom)]
 
 use std::ffi::c_void;
 use std::sync::atomic::AtomicUsize as StdAtomicUsize;

@@ -17,7 +17,7 @@ pub enum ViolationPolicy {
     Record,
 }
 
-#[cfg(not(loom))]
+#[cfg(not(teredo_watcher_loom))]
 std::thread_local! {
     static IRQL: Cell<u8> = const { Cell::new(0) };
     static POLICY: Cell<Option<ViolationPolicy>> = const { Cell::new(None) };
@@ -26,7 +26,7 @@ std::thread_local! {
 
 // loom's `thread_local!` (per loom thread, reset per model iteration) has no `const { }`
 // initializer form, hence the second copy.
-#[cfg(loom)]
+#[cfg(teredo_watcher_loom)]
 loom::thread_local! {
     static IRQL: Cell<u8> = Cell::new(0);
     static POLICY: Cell<Option<ViolationPolicy>> = Cell::new(None);
@@ -86,10 +86,10 @@ pub struct MockKernel;
 unsafe impl Kernel for MockKernel {
     type RawSpinLock = AtomicBool;
 
-    #[cfg(not(loom))]
+    #[cfg(not(teredo_watcher_loom))]
     const UNLOCKED: AtomicBool = AtomicBool::new(false);
 
-    #[cfg(loom)]
+    #[cfg(teredo_watcher_loom)]
     fn new_lock() -> AtomicBool {
         AtomicBool::new(false)
     }
@@ -121,11 +121,11 @@ unsafe impl Kernel for MockKernel {
             // older `true` stores while the holder keeps locking and unlocking (loom does not
             // model that stores become visible in finite time), an endless path loom reports
             // as "exceeded maximum number of branches"; the CAS always reads the latest value.
-            #[cfg(not(loom))]
+            #[cfg(not(teredo_watcher_loom))]
             while lock.load(LockOrdering::Relaxed) {
                 crate::sync::spin_hint();
             }
-            #[cfg(loom)]
+            #[cfg(teredo_watcher_loom)]
             crate::sync::spin_hint();
         }
         Irql::from_raw(previous)
@@ -146,9 +146,9 @@ unsafe impl Kernel for MockKernel {
             Self::current_irql()
         );
         // Under loom a wait loop must yield to loom's scheduler, or the model never ends.
-        #[cfg(not(loom))]
+        #[cfg(not(teredo_watcher_loom))]
         std::thread::yield_now();
-        #[cfg(loom)]
+        #[cfg(teredo_watcher_loom)]
         loom::thread::yield_now();
     }
 
