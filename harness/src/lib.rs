@@ -8,13 +8,21 @@
 //!
 //! What this proves and what it does not: see `docs/harness.md`.
 
-#[cfg(not(all(target_arch = "x86_64", unix)))]
-compile_error!("the harness runs Windows x64 machine code on an x86-64 Unix host only");
+//!
+//! The harness executes Windows x64 machine code in the host process, so it exists only on
+//! an x86-64 Unix host: elsewhere (a Windows host, another architecture) this crate
+//! compiles to nothing, and a `cargo check --workspace --all-targets` there still passes.
 
+#[cfg(all(target_arch = "x86_64", unix))]
 pub mod kernel;
+#[cfg(all(target_arch = "x86_64", unix))]
 pub mod loader;
+#[cfg(all(target_arch = "x86_64", unix))]
 pub mod machine;
+#[cfg(all(target_arch = "x86_64", unix))]
 pub mod pe;
+#[cfg(all(target_arch = "x86_64", unix))]
 pub mod sysbuild;
 
+#[cfg(all(target_arch = "x86_64", unix))]
 pub use machine::{Machine, Stop};

@@ -74,6 +74,7 @@
 //! driver's table reports it too (`1 failed, 1 live` at unload, `failed 1` in the rollback). The image is retired after unload, so no late
 //! notification is delivered in these cells: on Windows that notification would run code of
 //! an unloaded image (a bugcheck); a `DriverUnload` cannot refuse to unload.
+#![cfg(all(target_arch = "x86_64", unix))]
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

@@ -1,5 +1,6 @@
 //! The kernel model itself keeps the documented rules, failures included: these call the
 //! host functions the image is bound to, the way the image calls them.
+#![cfg(all(target_arch = "x86_64", unix))]
 
 use core::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};

@@ -1,4 +1,5 @@
 //! The PE facts a Windows loader relies on, checked on the `.sys` the build produces.
+#![cfg(all(target_arch = "x86_64", unix))]
 
 use std::collections::BTreeSet;
 

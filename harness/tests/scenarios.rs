@@ -2,6 +2,7 @@
 //!
 //! Each test boots a fresh machine (a fresh mapping of the image: fresh statics), so the
 //! tests are independent; the machines run one at a time (the model is global).
+#![cfg(all(target_arch = "x86_64", unix))]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -4,25 +4,41 @@
 //!
 //! What this proves and what it does not: `docs/harness.md`.
 
+#[cfg(all(target_arch = "x86_64", unix))]
 use std::process::ExitCode;
+#[cfg(all(target_arch = "x86_64", unix))]
 use std::sync::Arc;
+#[cfg(all(target_arch = "x86_64", unix))]
 use std::sync::atomic::{AtomicBool, Ordering};
 
+#[cfg(all(target_arch = "x86_64", unix))]
 use teredo_harness::kernel::{self, Delivery};
+#[cfg(all(target_arch = "x86_64", unix))]
 use teredo_harness::{Machine, Stop, pe, sysbuild};
 
+#[cfg(all(target_arch = "x86_64", unix))]
 struct Checks(Vec<(bool, String)>);
 
+#[cfg(all(target_arch = "x86_64", unix))]
 impl Checks {
     fn check(&mut self, holds: bool, what: impl Into<String>) {
         self.0.push((holds, what.into()));
     }
 }
 
+/// The harness runs Windows x64 machine code in this process: only on an x86-64 Unix host.
+#[cfg(not(all(target_arch = "x86_64", unix)))]
+fn main() -> std::process::ExitCode {
+    eprintln!("kernel-box runs on x86-64 Unix only");
+    std::process::ExitCode::FAILURE
+}
+
+#[cfg(all(target_arch = "x86_64", unix))]
 fn section(title: &str) {
     println!("\n==> {title}");
 }
 
+#[cfg(all(target_arch = "x86_64", unix))]
 fn main() -> ExitCode {
     section("building the driver image (rust-lld as lld-link, kernel-shim platform)");
     println!("    cargo {}", sysbuild::cargo_args().join(" "));
@@ -129,6 +145,7 @@ fn main() -> ExitCode {
     }
 }
 
+#[cfg(all(target_arch = "x86_64", unix))]
 fn run(machine: &Machine, checks: &mut Checks) -> Result<(), Stop> {
     kernel::note("DriverEntry at PASSIVE_LEVEL");
     let status = machine.driver_entry()?;
