@@ -1,0 +1,129 @@
+//! IRQL (a number per host thread), thread ids, and spin locks.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::bugcheck::{bugcheck, halt_if_stopped};
+use super::{
+    DISPATCH_LEVEL, IRQL_NOT_DISPATCH_LEVEL, IRQL_NOT_LESS_OR_EQUAL, PASSIVE_LEVEL,
+    SPIN_LOCK_ALREADY_OWNED, SPIN_LOCK_NOT_OWNED,
+};
+
+thread_local! {
+    static IRQL: Cell<u8> = const { Cell::new(PASSIVE_LEVEL) };
+    static THREAD_ID: Cell<usize> = const { Cell::new(0) };
+}
+
+pub(crate) static NEXT_THREAD_ID: AtomicUsize = AtomicUsize::new(0x104);
+
+/// The calling thread's IRQL.
+#[must_use]
+pub fn current_irql() -> u8 {
+    IRQL.with(Cell::get)
+}
+
+/// Sets the calling thread's IRQL (the harness's threads start at `PASSIVE_LEVEL`).
+pub fn set_irql(irql: u8) {
+    IRQL.with(|c| c.set(irql));
+}
+
+/// The calling thread's id as `PsGetCurrentThreadId` reports it: non-zero, a multiple of
+/// 4, unique among the threads of this process.
+#[must_use]
+pub fn thread_id() -> usize {
+    THREAD_ID.with(|c| {
+        if c.get() == 0 {
+            c.set(NEXT_THREAD_ID.fetch_add(4, Ordering::Relaxed));
+        }
+        c.get()
+    })
+}
+
+pub(crate) extern "win64" fn ke_get_current_irql() -> u8 {
+    current_irql()
+}
+
+pub(crate) extern "win64" fn ps_get_current_thread_id() -> usize {
+    thread_id()
+}
+
+/// The lock word as an atomic.
+///
+/// # Safety
+///
+/// `lock` is a valid, aligned `KSPIN_LOCK` that is only accessed atomically while in use.
+pub(crate) unsafe fn lock_word<'a>(lock: *mut usize) -> &'a AtomicUsize {
+    // SAFETY: valid and aligned (this function's contract); the driver's `KSPIN_LOCK` is an
+    // `AtomicUsize` itself, so every access to it is atomic.
+    unsafe { AtomicUsize::from_ptr(lock) }
+}
+
+/// # Safety
+///
+/// `lock` points to the driver's `KSPIN_LOCK` (`KeAcquireSpinLockRaiseToDpc`'s contract).
+pub(crate) unsafe extern "win64" fn ke_acquire_spin_lock_raise_to_dpc(lock: *mut usize) -> u8 {
+    let irql = current_irql();
+    if irql > DISPATCH_LEVEL {
+        bugcheck(
+            IRQL_NOT_LESS_OR_EQUAL,
+            [lock.addr(), usize::from(irql), 0, 0],
+            format!("KeAcquireSpinLockRaiseToDpc at IRQL {irql}"),
+        );
+    }
+    let me = thread_id();
+    // SAFETY: the driver passes its own spin lock (this function's contract).
+    let word = unsafe { lock_word(lock) };
+    if word.load(Ordering::Relaxed) == me {
+        bugcheck(
+            SPIN_LOCK_ALREADY_OWNED,
+            [lock.addr(), 0, 0, 0],
+            "KeAcquireSpinLockRaiseToDpc on a spin lock this thread holds".into(),
+        );
+    }
+    set_irql(DISPATCH_LEVEL);
+    let mut spins = 0u32;
+    while word
+        .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(1024) {
+            drop(halt_if_stopped(super::lock()));
+            std::thread::yield_now();
+        }
+        std::hint::spin_loop();
+    }
+    irql
+}
+
+/// # Safety
+///
+/// `lock` points to the driver's `KSPIN_LOCK` (`KeReleaseSpinLock`'s contract).
+pub(crate) unsafe extern "win64" fn ke_release_spin_lock(lock: *mut usize, new_irql: u8) {
+    let irql = current_irql();
+    if irql != DISPATCH_LEVEL {
+        bugcheck(
+            IRQL_NOT_DISPATCH_LEVEL,
+            [lock.addr(), usize::from(irql), 0, 0],
+            format!("KeReleaseSpinLock at IRQL {irql}"),
+        );
+    }
+    // SAFETY: the driver passes its own spin lock (this function's contract).
+    let word = unsafe { lock_word(lock) };
+    if word.load(Ordering::Relaxed) != thread_id() {
+        bugcheck(
+            SPIN_LOCK_NOT_OWNED,
+            [lock.addr(), 0, 0, 0],
+            "KeReleaseSpinLock of a spin lock this thread does not hold".into(),
+        );
+    }
+    if new_irql > DISPATCH_LEVEL {
+        bugcheck(
+            IRQL_NOT_LESS_OR_EQUAL,
+            [lock.addr(), usize::from(new_irql), 0, 0],
+            format!("KeReleaseSpinLock to IRQL {new_irql}"),
+        );
+    }
+    word.store(0, Ordering::Release);
+    set_irql(new_irql);
+}

@@ -1,0 +1,217 @@
+//! The host model of the kernel the driver imports from: ntoskrnl's IRQL, spin locks,
+//! threads, waits, pool, bugcheck and debugger print, and netio's Teredo API.
+//!
+//! Every function the image imports is an `extern "win64"` function here (the Windows x64
+//! calling convention, which the driver's `extern "system"` calls use). The model keeps the
+//! documented rules and stops the machine, as the kernel or Driver Verifier would, when they
+//! are broken:
+//!
+//! - IRQL is per thread. `KeAcquireSpinLockRaiseToDpc` raises to `DISPATCH_LEVEL` and
+//!   returns the old IRQL, `KeReleaseSpinLock` restores it; a recursive acquire or a
+//!   release by a non-owner bugchecks (`SPIN_LOCK_ALREADY_OWNED`, `SPIN_LOCK_NOT_OWNED`).
+//! - The netio functions check their documented IRQL (`< DISPATCH_LEVEL` for
+//!   `NotifyTeredoPortChange`/`GetTeredoPort`, `PASSIVE_LEVEL` for `CancelMibChangeNotify2`);
+//!   a call above it bugchecks `IRQL_NOT_LESS_OR_EQUAL`. So does a wait above `APC_LEVEL`.
+//! - Callbacks of one registration never overlap; a cancel waits for a callback in flight;
+//!   a cancel from inside that callback (a deadlock on Windows) is reported and refused with
+//!   `STATUS_POSSIBLE_DEADLOCK`; a notification for a cancelled handle is dropped.
+//! - Pool blocks are tracked by address and tag; a free of an unknown block, a double free
+//!   or a wrong tag bugchecks as Driver Verifier does (`0xC4`); blocks allocated with
+//!   `POOL_FLAG_UNINITIALIZED` are filled with `0xCD` so that nothing can rely on zeroes.
+//! - `KeBugCheckEx` (and every violation above) records the stop code and halts the thread
+//!   for good; every other thread that enters the model afterwards halts too.
+//!
+//! One machine runs at a time (see [`crate::machine::Machine`]), so the state is global.
+//!
+//! # Layout
+//!
+//! This module holds the shared state (one lock, one condition variable), the constants and
+//! the import table ([`resolve`]); each subsystem is a submodule: [`irql`] (IRQL, thread
+//! ids, spin locks), [`pool`], [`wait`] (delays, events and waits), [`dbgprint`] (debugger
+//! output), [`bugcheck`] (stops), [`crt`] (the C runtime routines ntoskrnl exports) and
+//! [`netio`] (the Teredo API and the modelled client). Everything public is re-exported
+//! here, so `kernel::X` names every item.
+
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+pub mod bugcheck;
+pub mod crt;
+pub mod dbgprint;
+pub mod irql;
+pub mod netio;
+pub mod pool;
+pub mod wait;
+
+pub use bugcheck::{Bugcheck, bugcheck, stopped};
+pub use dbgprint::run_in_next_callback;
+pub use irql::{current_irql, set_irql, thread_id};
+pub use netio::{
+    Delivery, NetioCall, NetioStats, client, deliver, fail_next, live_contexts, netio_stats,
+    set_callback_irql, set_ipv6,
+};
+pub use pool::{PoolBlock, PoolStats, fail_allocation_after, pool_blocks, pool_stats};
+
+use bugcheck::ke_bug_check_ex;
+use crt::{memcmp, memcpy, memmove, memset, strlen};
+use dbgprint::{IN_CALLBACK_HOOK, dbg_print};
+use irql::{
+    ke_acquire_spin_lock_raise_to_dpc, ke_get_current_irql, ke_release_spin_lock,
+    ps_get_current_thread_id,
+};
+use netio::{Netio, cancel_mib_change_notify2, get_teredo_port, notify_teredo_port_change};
+use pool::{Pool, ex_allocate_pool2, ex_free_pool_with_tag};
+use wait::ke_delay_execution_thread;
+
+/// `PASSIVE_LEVEL`.
+pub const PASSIVE_LEVEL: u8 = 0;
+/// `APC_LEVEL`.
+pub const APC_LEVEL: u8 = 1;
+/// `DISPATCH_LEVEL`.
+pub const DISPATCH_LEVEL: u8 = 2;
+
+/// `STATUS_SUCCESS`.
+pub const STATUS_SUCCESS: i32 = 0;
+/// `STATUS_NOT_SUPPORTED`.
+pub const STATUS_NOT_SUPPORTED: i32 = 0xC000_00BB_u32.cast_signed();
+/// `STATUS_POSSIBLE_DEADLOCK`: the model's answer to a cancel from inside the callback.
+pub const STATUS_POSSIBLE_DEADLOCK: i32 = 0xC000_0194_u32.cast_signed();
+/// `ERROR_INVALID_HANDLE`.
+pub const ERROR_INVALID_HANDLE: i32 = 6;
+/// `ERROR_NOT_READY`.
+pub const ERROR_NOT_READY: i32 = 21;
+/// `ERROR_INVALID_PARAMETER`.
+pub const ERROR_INVALID_PARAMETER: i32 = 87;
+
+/// `MibParameterNotification`.
+pub const MIB_PARAMETER_NOTIFICATION: i32 = 0;
+/// `MibAddInstance`.
+pub const MIB_ADD_INSTANCE: i32 = 1;
+/// `MibDeleteInstance`.
+pub const MIB_DELETE_INSTANCE: i32 = 2;
+/// `MibInitialNotification`.
+pub const MIB_INITIAL_NOTIFICATION: i32 = 3;
+
+/// `IRQL_NOT_DISPATCH_LEVEL`.
+pub const IRQL_NOT_DISPATCH_LEVEL: u32 = 0x08;
+/// `IRQL_NOT_LESS_OR_EQUAL`.
+pub const IRQL_NOT_LESS_OR_EQUAL: u32 = 0x0A;
+/// `SPIN_LOCK_ALREADY_OWNED`.
+pub const SPIN_LOCK_ALREADY_OWNED: u32 = 0x0F;
+/// `SPIN_LOCK_NOT_OWNED`.
+pub const SPIN_LOCK_NOT_OWNED: u32 = 0x10;
+/// `DRIVER_VERIFIER_DETECTED_VIOLATION`.
+pub const DRIVER_VERIFIER_DETECTED_VIOLATION: u32 = 0xC4;
+/// `IRQL_UNEXPECTED_VALUE`: a callback returned at another IRQL than it was called at.
+pub const IRQL_UNEXPECTED_VALUE: u32 = 0xC8;
+
+/// `POOL_FLAG_UNINITIALIZED`.
+pub const POOL_FLAG_UNINITIALIZED: u64 = 0x2;
+/// `POOL_FLAG_RAISE_ON_FAILURE`.
+pub const POOL_FLAG_RAISE_ON_FAILURE: u64 = 0x20;
+/// `POOL_FLAG_NON_PAGED`.
+pub const POOL_FLAG_NON_PAGED: u64 = 0x40;
+/// `POOL_FLAG_NON_PAGED_EXECUTE`.
+pub const POOL_FLAG_NON_PAGED_EXECUTE: u64 = 0x80;
+/// `POOL_FLAG_PAGED`.
+pub const POOL_FLAG_PAGED: u64 = 0x100;
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) debugger: Vec<String>,
+    pub(crate) echo: bool,
+    pub(crate) pool: Pool,
+    pub(crate) netio: Netio,
+    pub(crate) bugcheck: Option<Bugcheck>,
+    /// Image range, for decoding a panic's file name.
+    pub(crate) image: (usize, usize),
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+pub(crate) static CHANGED: Condvar = Condvar::new();
+
+pub(crate) struct Guard(MutexGuard<'static, Option<State>>);
+
+impl std::ops::Deref for Guard {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.0.as_ref().expect("kernel model used before reset")
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut State {
+        self.0.as_mut().expect("kernel model used before reset")
+    }
+}
+
+pub(crate) fn lock() -> Guard {
+    Guard(STATE.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Waits for a change of the model's state, at most a short while (callers re-check).
+pub(crate) fn wait(guard: Guard) -> Guard {
+    let (inner, _) = CHANGED
+        .wait_timeout(guard.0, Duration::from_millis(20))
+        .unwrap_or_else(PoisonError::into_inner);
+    Guard(inner)
+}
+
+/// Resets the model for a new machine: empty pool, no registrations, client stopped.
+pub fn reset(image: (usize, usize), echo: bool) {
+    *IN_CALLBACK_HOOK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
+    let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
+    *guard = Some(State {
+        echo,
+        image,
+        ..State::default()
+    });
+}
+
+/// The debugger output so far, one entry a line.
+#[must_use]
+pub fn debugger_output() -> Vec<String> {
+    lock().debugger.clone()
+}
+
+/// Appends a line of the harness's own to the debugger output (marked as such).
+pub fn note(line: &str) {
+    let mut state = lock();
+    let line = format!("[harness] {line}");
+    if state.echo {
+        println!("{line}");
+    }
+    state.debugger.push(line);
+}
+
+/// The host function for `module!name`, as an address, or `None`.
+#[must_use]
+pub fn resolve(module: &str, name: &str) -> Option<usize> {
+    let address = match (module.to_ascii_lowercase().as_str(), name) {
+        ("ntoskrnl.exe", "KeGetCurrentIrql") => ke_get_current_irql as *const () as usize,
+        ("ntoskrnl.exe", "KeAcquireSpinLockRaiseToDpc") => {
+            ke_acquire_spin_lock_raise_to_dpc as *const () as usize
+        }
+        ("ntoskrnl.exe", "KeReleaseSpinLock") => ke_release_spin_lock as *const () as usize,
+        ("ntoskrnl.exe", "PsGetCurrentThreadId") => ps_get_current_thread_id as *const () as usize,
+        ("ntoskrnl.exe", "KeDelayExecutionThread") => {
+            ke_delay_execution_thread as *const () as usize
+        }
+        ("ntoskrnl.exe", "KeBugCheckEx") => ke_bug_check_ex as *const () as usize,
+        ("ntoskrnl.exe", "DbgPrint") => dbg_print as *const () as usize,
+        ("ntoskrnl.exe", "ExAllocatePool2") => ex_allocate_pool2 as *const () as usize,
+        ("ntoskrnl.exe", "ExFreePoolWithTag") => ex_free_pool_with_tag as *const () as usize,
+        ("ntoskrnl.exe", "memcpy") => memcpy as *const () as usize,
+        ("ntoskrnl.exe", "memmove") => memmove as *const () as usize,
+        ("ntoskrnl.exe", "memset") => memset as *const () as usize,
+        ("ntoskrnl.exe", "memcmp") => memcmp as *const () as usize,
+        ("ntoskrnl.exe", "strlen") => strlen as *const () as usize,
+        ("netio.sys", "NotifyTeredoPortChange") => notify_teredo_port_change as *const () as usize,
+        ("netio.sys", "GetTeredoPort") => get_teredo_port as *const () as usize,
+        ("netio.sys", "CancelMibChangeNotify2") => cancel_mib_change_notify2 as *const () as usize,
+        _ => return None,
+    };
+    Some(address)
+}
