@@ -1,30 +1,14 @@
-//! The main job: builds the example driver into a real `.sys`, shows its import table,
-//! loads it into the harness and runs the scenario, printing the driver's own debugger
-//! output and the final checks. Exits non-zero when a check fails or the machine stops.
+//! The main job: builds the example driver into a real `.sys` (or takes any driver image
+//! given with `--image PATH`), shows its headers and import table, loads it into the
+//! harness and runs the scenario, printing the driver's own debugger output and the final
+//! checks. Exits non-zero when a check fails or the machine stops.
+//!
+//! ```text
+//! kernel-box                 # our teredo-monitor .sys, built now; checks its log too
+//! kernel-box --image PATH    # any WDM driver image; checks the kernel model's records
+//! ```
 //!
 //! What this proves and what it does not: `docs/harness.md`.
-
-#[cfg(all(target_arch = "x86_64", unix))]
-use std::process::ExitCode;
-#[cfg(all(target_arch = "x86_64", unix))]
-use std::sync::Arc;
-#[cfg(all(target_arch = "x86_64", unix))]
-use std::sync::atomic::{AtomicBool, Ordering};
-
-#[cfg(all(target_arch = "x86_64", unix))]
-use teredo_harness::kernel::{self, Delivery};
-#[cfg(all(target_arch = "x86_64", unix))]
-use teredo_harness::{Machine, Stop, pe, sysbuild};
-
-#[cfg(all(target_arch = "x86_64", unix))]
-struct Checks(Vec<(bool, String)>);
-
-#[cfg(all(target_arch = "x86_64", unix))]
-impl Checks {
-    fn check(&mut self, holds: bool, what: impl Into<String>) {
-        self.0.push((holds, what.into()));
-    }
-}
 
 /// The harness runs Windows x64 machine code in this process: only on an x86-64 Unix host.
 #[cfg(not(all(target_arch = "x86_64", unix)))]
@@ -34,211 +18,581 @@ fn main() -> std::process::ExitCode {
 }
 
 #[cfg(all(target_arch = "x86_64", unix))]
-fn section(title: &str) {
-    println!("\n==> {title}");
+fn main() -> std::process::ExitCode {
+    host::main()
 }
 
 #[cfg(all(target_arch = "x86_64", unix))]
-fn main() -> ExitCode {
-    section("building the driver image (rust-lld as lld-link, kernel-shim platform)");
-    println!("    cargo {}", sysbuild::cargo_args().join(" "));
-    let path = match sysbuild::build_sys() {
-        Ok(path) => path,
-        Err(error) => {
-            eprintln!("{error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let sys = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(error) => {
-            eprintln!("reading {}: {error}", path.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    println!("    {} ({} bytes)", path.display(), sys.len());
+mod host {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::PathBuf;
+    use std::process::ExitCode;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::{Duration, Instant};
 
-    let facts = match pe::facts(&sys) {
-        Ok(facts) => facts,
-        Err(error) => {
-            eprintln!("{error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    section("PE headers");
-    println!(
-        "    machine {:#06x} (AMD64: {}), PE32+: {}, subsystem {} (NATIVE: {})",
-        facts.machine,
-        facts.machine == pe::MACHINE_AMD64,
-        facts.is_64,
-        facts.subsystem,
-        facts.subsystem == pe::SUBSYSTEM_NATIVE
-    );
-    println!(
-        "    entry point RVA {:#x} = {:?}; checksum stored {:#010x}, computed {:#010x}",
-        facts.entry_rva, facts.entry_names, facts.checksum_stored, facts.checksum_computed
-    );
-    println!(
-        "    preferred base {:#x}, SizeOfImage {:#x}, DllCharacteristics {:#06x}",
-        facts.image_base, facts.size_of_image, facts.dll_characteristics
-    );
-    section("import table");
-    for module in facts.modules() {
-        println!("    {module}");
-        for name in facts.imports_of(module) {
-            println!("        {name}");
+    use teredo_harness::kernel::{self, Delivery};
+    use teredo_harness::{Machine, Stop, pe, sysbuild};
+
+    /// The export a driver may provide for the concurrent reader: `ULONG NTAPI (void)`, callable
+    /// at `DISPATCH_LEVEL` while the driver is loaded, returning the port it currently allows.
+    const CLASSIFY_EXPORT: &str = "TeredoMonitorClassifyPort";
+    /// Client restarts in the concurrent phase, made alternately by two threads.
+    const CHANGES: usize = 8;
+    /// How long a step of the handshake may wait for the other threads before giving up.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Whose image runs: ours (its log lines are known) or any other (only the kernel model's
+    /// records are checked).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Subject {
+        Ours,
+        Foreign,
+    }
+
+    struct Checks(Vec<(bool, String)>);
+
+    impl Checks {
+        fn check(&mut self, holds: bool, what: impl Into<String>) {
+            self.0.push((holds, what.into()));
         }
     }
 
-    section("loading into the harness");
-    let machine = match Machine::boot(&sys, true) {
-        Ok(machine) => machine,
-        Err(error) => {
-            eprintln!("{error}");
-            return ExitCode::FAILURE;
+    fn section(title: &str) {
+        println!("\n==> {title}");
+    }
+
+    fn usage() -> ExitCode {
+        eprintln!("usage: kernel-box [--image PATH]");
+        eprintln!("  without --image: builds examples/teredo-monitor into its .sys and runs it");
+        eprintln!("  --image PATH:    loads the given x64 WDM driver image instead");
+        ExitCode::from(2)
+    }
+
+    /// `Some(path)` for `--image PATH`, `None` for no arguments, `Err` for anything else.
+    fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<PathBuf>, ()> {
+        match (args.next().as_deref(), args.next(), args.next()) {
+            (None, _, _) => Ok(None),
+            (Some("--image"), Some(path), None) => Ok(Some(PathBuf::from(path))),
+            _ => Err(()),
         }
-    };
-    println!(
-        "    mapped at {:#x} (preferred {:#x}), {} relocations applied, {} imports bound",
-        machine.image().base(),
-        machine.image().preferred_base(),
-        machine.image().relocations_applied(),
-        machine.image().imports_bound()
-    );
-
-    section("running the driver (its own DbgPrint output, and [harness] steps)");
-    let mut checks = Checks(Vec::new());
-    checks.check(facts.machine == pe::MACHINE_AMD64, "AMD64 image");
-    checks.check(facts.subsystem == pe::SUBSYSTEM_NATIVE, "subsystem NATIVE");
-    checks.check(
-        facts.entry_names == ["DriverEntry"],
-        "entry point is DriverEntry",
-    );
-    checks.check(
-        facts.checksum_stored != 0 && facts.checksum_stored == facts.checksum_computed,
-        "PE checksum valid",
-    );
-    let modules = facts.modules();
-    checks.check(
-        modules.len() == 2 && modules.contains(&"netio.sys") && modules.contains(&"ntoskrnl.exe"),
-        "imports only from netio.sys and ntoskrnl.exe (no iphlpapi.dll, no user-mode DLL)",
-    );
-    if let Err(stop) = run(&machine, &mut checks) {
-        checks.check(false, format!("the scenario ran to the end: {stop}"));
     }
 
-    section("final checks");
-    let failed = checks.0.iter().filter(|(holds, _)| !holds).count();
-    for (holds, what) in &checks.0 {
-        println!("    [{}] {what}", if *holds { " ok " } else { "FAIL" });
+    fn our_image() -> Result<PathBuf, String> {
+        section("building the driver image (rust-lld as lld-link, kernel-shim platform)");
+        println!("    cargo {}", sysbuild::cargo_args().join(" "));
+        sysbuild::build_sys()
     }
-    println!(
-        "\nkernel-box: {} of {} checks hold; the .sys is {} bytes",
-        checks.0.len() - failed,
-        checks.0.len(),
-        sys.len()
-    );
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
 
-#[cfg(all(target_arch = "x86_64", unix))]
-fn run(machine: &Machine, checks: &mut Checks) -> Result<(), Stop> {
-    kernel::note("DriverEntry at PASSIVE_LEVEL");
-    let status = machine.driver_entry()?;
-    checks.check(status == 0, format!("DriverEntry returned {status:#010x}"));
-    let initial = kernel::debugger_output()
-        .iter()
-        .any(|l| l.contains("MibInitialNotification"));
-    checks.check(
-        initial,
-        "the initial notification reached the driver's callback",
-    );
+    pub(super) fn main() -> ExitCode {
+        let Ok(image) = parse_args(std::env::args().skip(1)) else {
+            return usage();
+        };
+        let subject = if image.is_some() {
+            Subject::Foreign
+        } else {
+            Subject::Ours
+        };
+        let path = match image.map_or_else(our_image, Ok) {
+            Ok(path) => path,
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let sys = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                eprintln!("reading {}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let facts = match pe::facts(&sys) {
+            Ok(facts) => facts,
+            Err(error) => {
+                eprintln!("{}: {error}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        section("the image");
+        println!(
+            "    {name}: {} bytes, entry point RVA {:#x} ({})",
+            sys.len(),
+            facts.entry_rva,
+            if facts.entry_names.is_empty() {
+                "no export names it".to_owned()
+            } else {
+                format!("exported as {}", facts.entry_names.join(", "))
+            }
+        );
+        println!("    from {}", path.display());
+        print_headers(&facts);
 
-    kernel::note("the Teredo client starts");
-    machine.on_cpu("client start", 0, kernel::client::start)?;
+        section("loading into the harness");
+        let machine = match Machine::boot(&sys, true) {
+            Ok(machine) => machine,
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!(
+            "    mapped at {:#x} (preferred {:#x}), {} relocations applied, {} imports bound",
+            machine.image().base(),
+            machine.image().preferred_base(),
+            machine.image().relocations_applied(),
+            machine.image().imports_bound()
+        );
 
-    kernel::note(
-        "callbacks now at DISPATCH_LEVEL; two threads restart the client, a third classifies",
-    );
-    kernel::set_callback_irql(kernel::DISPATCH_LEVEL);
-    let classify = machine
-        .export("TeredoMonitorClassifyPort")
-        .expect("the shim exports the classify stand-in");
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader_stop = Arc::clone(&stop);
-    let reader = machine.spawn("classify", kernel::DISPATCH_LEVEL, move || {
-        // SAFETY: `TeredoMonitorClassifyPort` is `unsafe extern "system" fn() -> u32` in
-        // the shim, callable at <= DISPATCH_LEVEL while the driver is loaded; DriverUnload
-        // runs only after this thread has been joined.
-        let classify =
-            unsafe { std::mem::transmute::<usize, extern "win64" fn() -> u32>(classify) };
-        let mut reads = 0u64;
-        while !reader_stop.load(Ordering::Relaxed) {
-            std::hint::black_box(classify());
-            reads += 1;
+        section("running the driver (its own DbgPrint output, and [harness] steps)");
+        let mut checks = Checks(Vec::new());
+        header_checks(&facts, subject, &mut checks);
+        if let Err(stop) = run(&machine, subject, &mut checks) {
+            checks.check(false, format!("the scenario ran to the end: {stop}"));
         }
-        (reads, classify())
-    });
-    let changers: Vec<_> = (0..2)
-        .map(|n| {
-            machine.spawn(&format!("restarts {n}"), 0, || {
-                (0..2)
-                    .map(|_| kernel::client::start())
-                    .collect::<Vec<u16>>()
+
+        section("final checks");
+        let failed = checks.0.iter().filter(|(holds, _)| !holds).count();
+        for (holds, what) in &checks.0 {
+            println!("    [{}] {what}", if *holds { " ok " } else { "FAIL" });
+        }
+        println!(
+            "\nkernel-box: {} of {} checks hold; {name} is {} bytes",
+            checks.0.len() - failed,
+            checks.0.len(),
+            sys.len()
+        );
+        if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+
+    fn print_headers(facts: &pe::PeFacts) {
+        section("PE headers");
+        println!(
+            "    machine {:#06x} (AMD64: {}), PE32+: {}, subsystem {} (NATIVE: {})",
+            facts.machine,
+            facts.machine == pe::MACHINE_AMD64,
+            facts.is_64,
+            facts.subsystem,
+            facts.subsystem == pe::SUBSYSTEM_NATIVE
+        );
+        println!(
+            "    checksum stored {:#010x}, computed {:#010x}; base relocations: {}",
+            facts.checksum_stored, facts.checksum_computed, facts.has_relocations
+        );
+        println!(
+            "    preferred base {:#x}, SizeOfImage {:#x}, DllCharacteristics {:#06x}",
+            facts.image_base, facts.size_of_image, facts.dll_characteristics
+        );
+        section("import table");
+        for module in facts.modules() {
+            println!("    {module}");
+            for name in facts.imports_of(module) {
+                println!("        {name}");
+            }
+        }
+    }
+
+    /// Whether `modules` names `wanted`, compared without case as the Windows loader does.
+    fn has_module(modules: &[&str], wanted: &str) -> bool {
+        modules.iter().any(|m| m.eq_ignore_ascii_case(wanted))
+    }
+
+    fn header_checks(facts: &pe::PeFacts, subject: Subject, checks: &mut Checks) {
+        checks.check(facts.machine == pe::MACHINE_AMD64, "AMD64 image");
+        checks.check(facts.subsystem == pe::SUBSYSTEM_NATIVE, "subsystem NATIVE");
+        let modules = facts.modules();
+        match subject {
+            Subject::Ours => {
+                checks.check(
+                    facts.entry_names == ["DriverEntry"],
+                    "entry point is DriverEntry",
+                );
+                checks.check(
+                    facts.checksum_stored != 0 && facts.checksum_stored == facts.checksum_computed,
+                    "PE checksum valid",
+                );
+                checks.check(
+                    modules.len() == 2
+                        && has_module(&modules, "netio.sys")
+                        && has_module(&modules, "ntoskrnl.exe"),
+                    "imports only from netio.sys and ntoskrnl.exe (no iphlpapi.dll, no user-mode DLL)",
+                );
+            }
+            Subject::Foreign => {
+                // A stored checksum of 0 means "not set" (GNU ld writes none unless asked); a
+                // non-zero one must be right.
+                checks.check(
+                    facts.checksum_stored == 0 || facts.checksum_stored == facts.checksum_computed,
+                    format!(
+                        "PE checksum absent or valid (stored {:#010x})",
+                        facts.checksum_stored
+                    ),
+                );
+                let kernel_modules = ["ntoskrnl.exe", "hal.dll", "netio.sys"];
+                let user_mode: Vec<&str> = modules
+                    .iter()
+                    .copied()
+                    .filter(|m| !has_module(&kernel_modules, m))
+                    .collect();
+                checks.check(
+                    user_mode.is_empty() && has_module(&modules, "netio.sys"),
+                    format!(
+                        "imports the Teredo API from netio.sys and nothing from user mode \
+                         (modules: {})",
+                        modules.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Waits until the model has delivered at least `count` callbacks, at most `timeout` (a
+    /// netio ordering may deliver the initial notification after `NotifyTeredoPortChange`
+    /// returned, from another thread). Returns the count reached.
+    fn delivered_at_least(count: u64, timeout: Duration) -> u64 {
+        let start = Instant::now();
+        loop {
+            let delivered = kernel::netio_stats().delivered;
+            if delivered >= count || start.elapsed() > timeout || kernel::stopped().is_some() {
+                return delivered;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn run(machine: &Machine, subject: Subject, checks: &mut Checks) -> Result<(), Stop> {
+        kernel::note("DriverEntry at PASSIVE_LEVEL");
+        let status = machine.driver_entry()?;
+        checks.check(status == 0, format!("DriverEntry returned {status:#010x}"));
+        let registered = kernel::netio_stats().handles.len();
+        checks.check(
+            registered >= 1,
+            format!("DriverEntry registered for Teredo port changes ({registered} handles)"),
+        );
+        let initial = delivered_at_least(registered as u64, Duration::from_secs(5));
+        match subject {
+            Subject::Ours => checks.check(
+                kernel::debugger_output()
+                    .iter()
+                    .any(|l| l.contains("MibInitialNotification")),
+                "the initial notification reached the driver's callback",
+            ),
+            Subject::Foreign => checks.check(
+                initial == registered as u64,
+                format!(
+                    "the initial notification reached each registration's callback \
+                     ({initial} delivered, {registered} registered)"
+                ),
+            ),
+        }
+
+        kernel::note("the Teredo client starts");
+        let before = kernel::netio_stats();
+        let first = machine.on_cpu("client start", 0, kernel::client::start)?;
+        let after = kernel::netio_stats();
+        checks.check(
+            after.delivered - before.delivered == before.live.len() as u64,
+            format!(
+                "the client's start reached every live registration ({} callbacks, {} live)",
+                after.delivered - before.delivered,
+                before.live.len()
+            ),
+        );
+
+        concurrent_changes(machine, subject, first, checks)?;
+
+        kernel::note("the Teredo client stops");
+        machine.on_cpu("client stop", 0, kernel::client::stop)?;
+
+        kernel::note("DriverUnload at PASSIVE_LEVEL");
+        let unloaded = machine.driver_unload()?;
+        checks.check(unloaded, "DriverEntry set DriverUnload, and it returned");
+        let netio = kernel::netio_stats();
+        checks.check(
+            netio.live.is_empty(),
+            format!(
+                "every handle cancelled ({} registered, {} cancel calls, 0 live)",
+                netio.handles.len(),
+                netio.calls[2]
+            ),
+        );
+        checks.check(
+            netio.self_cancels.is_empty(),
+            "no cancel from inside a callback of the same handle",
+        );
+        let pool = kernel::pool_stats();
+        checks.check(
+            pool.balanced(),
+            format!(
+                "pool balanced ({} allocations, {} frees, peak {} bytes)",
+                pool.allocations, pool.frees, pool.peak_bytes
+            ),
+        );
+
+        kernel::note("a late notification on every handle (the image is now inaccessible)");
+        let lines = kernel::debugger_output().len();
+        let mut dropped = 0;
+        for handle in &netio.handles {
+            let handle = *handle;
+            let late = machine.on_cpu("late notification", 0, move || {
+                kernel::deliver(handle, 40_000, kernel::MIB_PARAMETER_NOTIFICATION)
+            })?;
+            dropped += usize::from(late == Delivery::Dropped);
+        }
+        let printed = kernel::debugger_output().len() - lines;
+        checks.check(
+            dropped == netio.handles.len()
+                && !netio.handles.is_empty()
+                && kernel::netio_stats().delivered == netio.delivered
+                && printed == 0,
+            format!(
+                "no callback after unload ({dropped} of {} late notifications dropped)",
+                netio.handles.len()
+            ),
+        );
+        checks.check(kernel::stopped().is_none(), "no bugcheck");
+        Ok(())
+    }
+
+    /// What the changers and the reader share.
+    ///
+    /// Change `k` (1-based) is started only when `done == k - 1` and `quiet >= k - 1`: the
+    /// changes are sequential, and the reader completed a read between every two of them.
+    #[derive(Default)]
+    struct Handshake {
+        /// Changes begun (incremented right before `client::start`).
+        started: AtomicUsize,
+        /// Changes whose callbacks have all returned (incremented right after).
+        done: AtomicUsize,
+        /// The highest `k` such that a read ran entirely while `started == done == k`.
+        quiet: AtomicUsize,
+        /// Set by the harness once every changer has returned.
+        stop: AtomicBool,
+        /// Set by a thread that gave up waiting, so the others stop waiting too.
+        gave_up: AtomicBool,
+    }
+
+    impl Handshake {
+        /// Spins (yielding) until `ready` holds; `false` after [`HANDSHAKE_TIMEOUT`] or when
+        /// another thread gave up.
+        fn wait_for(&self, ready: impl Fn(&Self) -> bool) -> bool {
+            let start = Instant::now();
+            while !ready(self) {
+                if self.gave_up.load(Ordering::SeqCst) || start.elapsed() > HANDSHAKE_TIMEOUT {
+                    self.gave_up.store(true, Ordering::SeqCst);
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+            true
+        }
+    }
+
+    /// What the reader saw (bounded: counts and distinct values, not every read).
+    #[derive(Default)]
+    struct Reads {
+        total: u64,
+        /// Reads that ran entirely between change `k` and change `k + 1`, by `k`: how many, and
+        /// the distinct values they returned.
+        per_window: BTreeMap<usize, (u64, BTreeSet<u32>)>,
+        /// Reads during which a change was in flight.
+        overlapped: u64,
+        /// Every distinct value read.
+        values: BTreeSet<u32>,
+        /// The last read, made after every change.
+        last: u32,
+    }
+
+    /// The reader's loop: reads the driver's current port through its classify export at
+    /// `DISPATCH_LEVEL` until told to stop, sorting each read by the changes around it.
+    fn read_concurrently(classify: extern "win64" fn() -> u32, shake: &Handshake) -> Reads {
+        let mut reads = Reads::default();
+        loop {
+            let stopping = shake.stop.load(Ordering::SeqCst);
+            let (s0, d0) = (
+                shake.started.load(Ordering::SeqCst),
+                shake.done.load(Ordering::SeqCst),
+            );
+            let value = classify();
+            let (s1, d1) = (
+                shake.started.load(Ordering::SeqCst),
+                shake.done.load(Ordering::SeqCst),
+            );
+            reads.total += 1;
+            reads.last = value;
+            reads.values.insert(value);
+            if s0 == d0 && s1 == s0 && d1 == d0 {
+                // No change began during the read (`started` did not move) and change `d0` had
+                // completed before it began: a quiet read in window `d0`.
+                let window = reads.per_window.entry(d0).or_default();
+                window.0 += 1;
+                window.1.insert(value);
+                shake.quiet.fetch_max(d0, Ordering::SeqCst);
+            } else {
+                reads.overlapped += 1;
+            }
+            if stopping || shake.gave_up.load(Ordering::SeqCst) {
+                return reads;
+            }
+        }
+    }
+
+    /// Two threads restart the client alternately, callbacks at `DISPATCH_LEVEL`, while a third
+    /// reads the driver's port through its classify export (when the image has one), with a
+    /// handshake that makes the reader complete a read between every two changes.
+    fn concurrent_changes(
+        machine: &Machine,
+        subject: Subject,
+        first: u16,
+        checks: &mut Checks,
+    ) -> Result<(), Stop> {
+        kernel::set_callback_irql(kernel::DISPATCH_LEVEL);
+        let classify = machine.export(CLASSIFY_EXPORT);
+        if subject == Subject::Ours {
+            checks.check(
+                classify.is_some(),
+                format!("the shim exports {CLASSIFY_EXPORT}"),
+            );
+        }
+        kernel::note(&format!(
+            "callbacks now at DISPATCH_LEVEL; two threads restart the client {CHANGES} times \
+             in turn{}",
+            if classify.is_some() {
+                ", a third classifies between every two restarts"
+            } else {
+                " (the image exports no classify routine: no concurrent reader)"
+            }
+        ));
+        let shake = Arc::new(Handshake::default());
+        let reader = classify.map(|classify| {
+            let shake = Arc::clone(&shake);
+            machine.spawn("classify", kernel::DISPATCH_LEVEL, move || {
+                // SAFETY: the classify export is `ULONG NTAPI (void)` (the contract of
+                // `CLASSIFY_EXPORT`, which our shim and the C reference keep), callable at
+                // <= DISPATCH_LEVEL while the driver is loaded; DriverUnload runs only after
+                // this thread has been joined.
+                let classify =
+                    unsafe { std::mem::transmute::<usize, extern "win64" fn() -> u32>(classify) };
+                read_concurrently(classify, &shake)
             })
-        })
-        .collect();
-    for changer in changers {
-        machine.join(changer)?;
+        });
+        let reading = reader.is_some();
+        // ports[k] is the client's port after change k (ports[0]: before the first).
+        let ports = Arc::new(Mutex::new(vec![first]));
+        let before = kernel::netio_stats();
+        let changers: Vec<_> = (0..2)
+            .map(|n| {
+                let (shake, ports) = (Arc::clone(&shake), Arc::clone(&ports));
+                machine.spawn(&format!("restarts {n}"), 0, move || {
+                    for k in (n..CHANGES).step_by(2) {
+                        // Change k + 1: after change k, and after a quiet read in window k.
+                        if !shake.wait_for(|s| {
+                            s.done.load(Ordering::SeqCst) == k
+                                && (!reading || s.quiet.load(Ordering::SeqCst) >= k)
+                        }) {
+                            return false;
+                        }
+                        shake.started.fetch_add(1, Ordering::SeqCst);
+                        let port = kernel::client::start();
+                        ports
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(port);
+                        shake.done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    true
+                })
+            })
+            .collect();
+        let mut finished = true;
+        for changer in changers {
+            finished &= machine.join(changer)?;
+        }
+        shake.stop.store(true, Ordering::SeqCst);
+        let reads = reader.map(|reader| machine.join(reader)).transpose()?;
+        let ports = ports.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let after = kernel::netio_stats();
+        kernel::set_callback_irql(kernel::PASSIVE_LEVEL);
+
+        checks.check(
+            finished && ports.len() == CHANGES + 1,
+            format!(
+                "{} of {CHANGES} restarts made, alternately by two threads",
+                ports.len() - 1
+            ),
+        );
+        let expected = (CHANGES * before.live.len()) as u64;
+        checks.check(
+            after.delivered - before.delivered == expected,
+            format!(
+                "each restart reached every live registration once ({} callbacks, {expected} \
+                 expected)",
+                after.delivered - before.delivered
+            ),
+        );
+        if let Some(reads) = reads {
+            reader_checks(&reads, &ports, checks);
+        }
+        Ok(())
     }
-    stop.store(true, Ordering::Relaxed);
-    let (reads, last_read) = machine.join(reader)?;
-    let client = kernel::client::port().map_or(0, u32::from);
-    kernel::note(&format!(
-        "classify read the port {reads} times meanwhile; now {last_read}, client on {client}"
-    ));
-    checks.check(last_read == client, "classify reads the client's last port");
 
-    kernel::set_callback_irql(kernel::PASSIVE_LEVEL);
-    kernel::note("the Teredo client stops");
-    machine.on_cpu("client stop", 0, kernel::client::stop)?;
-
-    kernel::note("DriverUnload at PASSIVE_LEVEL");
-    let unloaded = machine.driver_unload()?;
-    checks.check(unloaded, "DriverEntry set DriverUnload, and it returned");
-    let netio = kernel::netio_stats();
-    checks.check(
-        netio.live.is_empty(),
-        format!(
-            "every handle cancelled ({} registered, 0 live)",
-            netio.handles.len()
-        ),
-    );
-    let pool = kernel::pool_stats();
-    checks.check(
-        pool.balanced(),
-        format!(
-            "pool balanced ({} allocations, {} frees, peak {} bytes)",
-            pool.allocations, pool.frees, pool.peak_bytes
-        ),
-    );
-
-    kernel::note("a late notification on the cancelled handle (the image is now inaccessible)");
-    let mut dropped = true;
-    for handle in netio.handles {
-        let late = machine.on_cpu("late notification", 0, move || {
-            kernel::deliver(handle, 40_000, kernel::MIB_PARAMETER_NOTIFICATION)
-        })?;
-        dropped &= late == Delivery::Dropped;
+    /// The checks on what the concurrent reader saw, against `ports[k]`, the client's port
+    /// after change `k`.
+    fn reader_checks(reads: &Reads, ports: &[u16], checks: &mut Checks) {
+        let client = kernel::client::port().map_or(0, u32::from);
+        let fewest = (0..=CHANGES)
+            .map(|k| reads.per_window.get(&k).map_or(0, |w| w.0))
+            .min()
+            .unwrap_or(0);
+        let quiet: u64 = reads.per_window.values().map(|w| w.0).sum();
+        kernel::note(&format!(
+            "classify read the port {} times: {quiet} between restarts (fewest in one window: \
+             {fewest}), {} while a restart was in flight; last {}, client on {client}",
+            reads.total, reads.overlapped, reads.last
+        ));
+        checks.check(
+            fewest >= 1,
+            format!(
+                "classify ran between every two restarts: {} windows, fewest reads in one \
+                 {fewest} (floor 1)",
+                CHANGES + 1
+            ),
+        );
+        let stale: Vec<(usize, &BTreeSet<u32>)> = reads
+            .per_window
+            .iter()
+            .filter(|(k, w)| {
+                w.1.iter()
+                    .any(|v| ports.get(**k).map(|p| u32::from(*p)) != Some(*v))
+            })
+            .map(|(k, w)| (*k, &w.1))
+            .collect();
+        checks.check(
+            stale.is_empty() && quiet >= 1,
+            format!(
+                "every read between two restarts returned the port of the restart before it \
+                 ({quiet} reads; stale windows: {stale:?})"
+            ),
+        );
+        let had: BTreeSet<u32> = ports.iter().map(|p| u32::from(*p)).collect();
+        checks.check(
+            reads.values.is_subset(&had),
+            format!(
+                "every value read was a port the client had ({} distinct values)",
+                reads.values.len()
+            ),
+        );
+        checks.check(
+            reads.last == client,
+            "classify reads the client's last port",
+        );
     }
-    checks.check(
-        dropped && kernel::netio_stats().delivered == netio.delivered,
-        "the late notification never reached driver code",
-    );
-    checks.check(kernel::stopped().is_none(), "no bugcheck");
-    Ok(())
 }
