@@ -1,6 +1,19 @@
-//! Maps a PE image the way the Windows loader does: sections at their RVAs in fresh memory
-//! at a base of the host's choosing (never the preferred one), base relocations applied,
-//! every import bound to a host function, section protections set.
+//! Maps a PE image the way the Windows loader does: sections at their RVAs in fresh memory,
+//! base relocations applied, every import bound to a host function, section protections
+//! set.
+//!
+//! - **Base.** An image with a base relocation directory is mapped at a base of the host's
+//!   choosing, never the preferred one, so that every relocation is exercised. An image
+//!   without one (GNU ld omits an empty `.reloc`; a stripped image has none) has nothing
+//!   the loader could relocate: it is mapped at its preferred base, and when the host
+//!   cannot give that range the load fails with [`LoadError::Map`] saying so.
+//! - **Imports.** Module names are compared without case, as Windows compares them
+//!   (`NETIO.SYS`, `netio.sys` and `Netio.Sys` are one module): the resolver receives the
+//!   name in ASCII lowercase. Function names are case-sensitive, as exports are.
+//! - **Entry point.** The routine called as `DriverEntry` is the PE `AddressOfEntryPoint`
+//!   (a C driver exports nothing; a WDK build's entry is `GsDriverEntry`, which calls the
+//!   driver's `DriverEntry`). An export named `DriverEntry`, when present, is kept only as a
+//!   cross-check ([`LoadedImage::driver_entry_export`]).
 
 use core::ffi::c_void;
 use std::fmt;
@@ -18,7 +31,8 @@ pub enum LoadError {
     UnresolvedImports(Vec<(String, String)>),
     /// A base relocation of a type this loader does not apply, or out of bounds.
     Relocation(String),
-    /// The host refused the memory.
+    /// The host refused the memory, or could not give an image without relocations its
+    /// preferred base.
     Map(String),
 }
 
@@ -53,6 +67,7 @@ pub struct LoadedImage {
     size: usize,
     preferred_base: u64,
     entry_rva: u32,
+    driver_entry_export: Option<u32>,
     relocations_applied: usize,
     imports_bound: usize,
 }
@@ -82,10 +97,31 @@ impl LoadedImage {
         self.preferred_base
     }
 
-    /// The address of the entry point.
+    /// The address of the entry point (`AddressOfEntryPoint`), the routine the I/O manager
+    /// calls as `DriverEntry`.
     #[must_use]
     pub fn entry(&self) -> usize {
         self.base() + self.entry_rva as usize
+    }
+
+    /// `AddressOfEntryPoint`.
+    #[must_use]
+    pub fn entry_rva(&self) -> u32 {
+        self.entry_rva
+    }
+
+    /// The RVA of an export named `DriverEntry`, if the image has one (Rust images built
+    /// with `/ENTRY:DriverEntry` export it; C drivers do not). Not used to enter the image.
+    #[must_use]
+    pub fn driver_entry_export(&self) -> Option<u32> {
+        self.driver_entry_export
+    }
+
+    /// Whether the image sits at the base it was linked for (only images without base
+    /// relocations do).
+    #[must_use]
+    pub fn at_preferred_base(&self) -> bool {
+        self.base() as u64 == self.preferred_base
     }
 
     /// How many `DIR64` relocations were applied.
@@ -142,11 +178,13 @@ fn protection(characteristics: u32) -> i32 {
     prot
 }
 
-/// Maps `bytes` and binds each import through `resolve(module, name)`.
+/// Maps `bytes` and binds each import through `resolve(module, name)`, `module` in ASCII
+/// lowercase.
 ///
 /// # Errors
 ///
-/// See [`LoadError`]; every unresolved import is listed with its module.
+/// See [`LoadError`]; every unresolved import is listed with its module as the image
+/// spells it.
 pub fn load(
     bytes: &[u8],
     resolve: &dyn Fn(&str, &str) -> Option<usize>,
@@ -161,12 +199,26 @@ pub fn load(
         .ok_or_else(|| LoadError::Format("no optional header".into()))?;
     let size = optional.windows_fields.size_of_image as usize;
     let headers = (optional.windows_fields.size_of_headers as usize).min(bytes.len());
+    if pe.entry == 0 {
+        return Err(LoadError::Format(
+            "AddressOfEntryPoint is 0: a driver needs an entry point".into(),
+        ));
+    }
+    let relocatable = optional
+        .data_directories
+        .get_base_relocation_table()
+        .is_some_and(|d| d.size > 0);
+    let driver_entry_export = pe
+        .exports
+        .iter()
+        .find(|e| e.name == Some("DriverEntry"))
+        .and_then(|e| u32::try_from(e.rva).ok());
 
     // Resolve everything before mapping anything: the error names every missing import.
     let mut bindings = Vec::with_capacity(pe.imports.len());
     let mut missing = Vec::new();
     for import in &pe.imports {
-        match resolve(import.dll, &import.name) {
+        match resolve(&import.dll.to_ascii_lowercase(), &import.name) {
             Some(address) => bindings.push((import.offset, address)),
             None => missing.push((import.dll.to_owned(), import.name.to_string())),
         }
@@ -175,11 +227,20 @@ pub fn load(
         return Err(LoadError::UnresolvedImports(missing));
     }
 
-    // SAFETY: a fresh anonymous private mapping at an address of the kernel's choosing;
-    // no existing memory is affected.
+    // Without relocations the preferred base is the only correct one: ask for it as a hint
+    // (never MAP_FIXED, which would replace whatever the host has there) and check below.
+    let hint = if relocatable {
+        core::ptr::null_mut()
+    } else {
+        let preferred = usize::try_from(pe.image_base)
+            .map_err(|_| LoadError::Map("preferred base beyond the address space".into()))?;
+        core::ptr::without_provenance_mut::<c_void>(preferred)
+    };
+    // SAFETY: a fresh anonymous private mapping; without MAP_FIXED the hint only suggests an
+    // address, and no existing memory is affected.
     let base = unsafe {
         libc::mmap(
-            core::ptr::null_mut(),
+            hint,
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
@@ -197,13 +258,22 @@ pub fn load(
         size,
         preferred_base: pe.image_base,
         entry_rva: pe.entry,
+        driver_entry_export,
         relocations_applied: 0,
         imports_bound: 0,
     };
-    if image.base() as u64 == pe.image_base {
+    if relocatable && image.at_preferred_base() {
         return Err(LoadError::Map(
-            "mapped at the preferred base by chance".into(),
+            "mapped at the preferred base by chance: the relocations would go untested".into(),
         ));
+    }
+    if !relocatable && !image.at_preferred_base() {
+        return Err(LoadError::Map(format!(
+            "the image has no base relocations, so it runs only at its preferred base {:#x}, \
+             and the host could not map {size:#x} bytes there (it offered {:#x})",
+            pe.image_base,
+            image.base()
+        )));
     }
 
     image.window(0, headers)?.copy_from_slice(&bytes[..headers]);
@@ -248,6 +318,8 @@ impl LoadedImage {
     fn relocate(&mut self, pe: &PE<'_>) -> Result<(), LoadError> {
         let delta = (self.base() as u64).wrapping_sub(pe.image_base);
         let Some(relocations) = &pe.relocation_data else {
+            // Nothing to relocate: correct exactly at the preferred base (`load` maps an image
+            // without relocations only there).
             return if delta == 0 {
                 Ok(())
             } else {

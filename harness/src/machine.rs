@@ -229,11 +229,25 @@ impl Machine {
     /// See [`Stop`].
     pub fn driver_entry_at(&self, irql: u8) -> Result<i32, Stop> {
         let entry = self.image.entry();
+        // The I/O manager calls the PE entry point; an export named `DriverEntry` elsewhere is
+        // legitimate (a WDK build enters at `GsDriverEntry`, which calls it) but worth a line.
+        if let Some(export) = self
+            .image
+            .driver_entry_export()
+            .filter(|rva| *rva != self.image.entry_rva())
+        {
+            kernel::note(&format!(
+                "the export DriverEntry (RVA {export:#x}) is not the PE entry point (RVA {:#x}): \
+                 calling the entry point, as Windows does",
+                self.image.entry_rva()
+            ));
+        }
         let driver_object = self.driver_object_address();
         let registry_path =
             std::ptr::from_ref::<UnicodeString>(&self.registry_path).expose_provenance();
         self.on_cpu("DriverEntry", irql, move || {
-            // SAFETY: `entry` is the image's entry point, `DriverEntry`, an NTAPI function
+            // SAFETY: `entry` is the image's entry point (`AddressOfEntryPoint`), a
+            // `DRIVER_INITIALIZE` routine, an NTAPI function
             // (`extern "system"`, the Windows x64 convention) of the mapped, relocated and
             // bound image; the driver object and the registry path live in the machine,
             // which outlives this call (the machine joins it or stops).
