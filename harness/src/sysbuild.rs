@@ -202,3 +202,51 @@ pub fn debug_assertions_image() -> Result<&'static [u8], String> {
         .as_deref()
         .map_err(Clone::clone)
 }
+
+/// The compiler of the C reference driver (`examples/c-reference/build.sh`).
+pub const MINGW_GCC: &str = "x86_64-w64-mingw32-gcc";
+
+/// Whether the C reference driver can be built here: the build script found [`MINGW_GCC`]
+/// when this crate was compiled (cfg `teredo_harness_mingw`).
+pub const MINGW_AVAILABLE: bool = cfg!(teredo_harness_mingw);
+
+/// Builds the C reference driver (`examples/c-reference/`) with its `build.sh` into
+/// `<target dir>/c-reference/` and returns the path of `teredo_reference.sys`.
+///
+/// # Errors
+///
+/// The script's output when it fails (exit status 127: [`MINGW_GCC`] is missing), or the
+/// I/O error.
+pub fn build_c_reference() -> Result<PathBuf, String> {
+    let out = target_dir().join("c-reference");
+    let script = repository_root().join("examples/c-reference/build.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the C reference driver failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(out.join("teredo_reference.sys"))
+}
+
+/// The C reference driver's image, built once per process.
+///
+/// # Errors
+///
+/// As [`build_c_reference`].
+pub fn c_reference_image() -> Result<&'static [u8], String> {
+    static IMAGE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let path = build_c_reference()?;
+            std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+        })
+        .as_deref()
+        .map_err(Clone::clone)
+}

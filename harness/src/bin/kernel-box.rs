@@ -132,27 +132,28 @@ mod host {
         println!("    from {}", path.display());
         print_headers(&facts);
 
-        section("loading into the harness");
-        let machine = match Machine::boot(&sys, true) {
-            Ok(machine) => machine,
-            Err(error) => {
-                eprintln!("{error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        println!(
-            "    mapped at {:#x} (preferred {:#x}), {} relocations applied, {} imports bound",
-            machine.image().base(),
-            machine.image().preferred_base(),
-            machine.image().relocations_applied(),
-            machine.image().imports_bound()
-        );
-
-        section("running the driver (its own DbgPrint output, and [harness] steps)");
         let mut checks = Checks(Vec::new());
         header_checks(&facts, subject, &mut checks);
-        if let Err(stop) = run(&machine, subject, &mut checks) {
-            checks.check(false, format!("the scenario ran to the end: {stop}"));
+        section("loading into the harness");
+        match Machine::boot(&sys, true) {
+            Ok(machine) => {
+                println!(
+                    "    mapped at {:#x} (preferred {:#x}), {} relocations applied, {} imports \
+                     bound",
+                    machine.image().base(),
+                    machine.image().preferred_base(),
+                    machine.image().relocations_applied(),
+                    machine.image().imports_bound()
+                );
+                section("running the driver (its own DbgPrint output, and [harness] steps)");
+                if let Err(stop) = run(&machine, subject, &mut checks) {
+                    checks.check(false, format!("the scenario ran to the end: {stop}"));
+                }
+            }
+            Err(error) => {
+                println!("    {error}");
+                checks.check(false, format!("the image loads into the harness: {error}"));
+            }
         }
 
         section("final checks");
