@@ -365,15 +365,17 @@ mod host {
 
     /// What the changers and the reader share.
     ///
-    /// Change `k` (1-based) is started only when `done == k - 1` and `quiet >= k - 1`: the
-    /// changes are sequential, and the reader completed a read between every two of them.
+    /// Change `k` (1-based) is started only when `done == k - 1` and `quiet >= k`: the
+    /// changes are sequential, and the reader completed a read after change `k - 1` (or,
+    /// for the first, after the client's start) and before change `k` began.
     #[derive(Default)]
     struct Handshake {
         /// Changes begun (incremented right before `client::start`).
         started: AtomicUsize,
         /// Changes whose callbacks have all returned (incremented right after).
         done: AtomicUsize,
-        /// The highest `k` such that a read ran entirely while `started == done == k`.
+        /// One more than the highest `k` such that a read ran entirely while
+        /// `started == done == k` (0: no such read yet).
         quiet: AtomicUsize,
         /// Set by the harness once every changer has returned.
         stop: AtomicBool,
@@ -436,7 +438,7 @@ mod host {
                 let window = reads.per_window.entry(d0).or_default();
                 window.0 += 1;
                 window.1.insert(value);
-                shake.quiet.fetch_max(d0, Ordering::SeqCst);
+                shake.quiet.fetch_max(d0 + 1, Ordering::SeqCst);
             } else {
                 reads.overlapped += 1;
             }
@@ -497,7 +499,7 @@ mod host {
                         // Change k + 1: after change k, and after a quiet read in window k.
                         if !shake.wait_for(|s| {
                             s.done.load(Ordering::SeqCst) == k
-                                && (!reading || s.quiet.load(Ordering::SeqCst) >= k)
+                                && (!reading || s.quiet.load(Ordering::SeqCst) > k)
                         }) {
                             return false;
                         }
