@@ -17,6 +17,7 @@
 
 use core::ffi::c_void;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use goblin::pe::PE;
 use goblin::pe::relocation::{IMAGE_REL_BASED_ABSOLUTE, IMAGE_REL_BASED_DIR64};
@@ -70,6 +71,7 @@ pub struct LoadedImage {
     driver_entry_export: Option<u32>,
     relocations_applied: usize,
     imports_bound: usize,
+    retired: AtomicBool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; nothing about it is tied to the
@@ -153,6 +155,13 @@ impl LoadedImage {
         // protection does not invalidate any Rust reference (none point into it).
         let rc = unsafe { libc::mprotect(self.base.cast(), self.size, libc::PROT_NONE) };
         assert_eq!(rc, 0, "mprotect(PROT_NONE) of the image failed");
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Whether [`retire`](Self::retire) made the image inaccessible.
+    #[must_use]
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 }
 
@@ -261,6 +270,7 @@ pub fn load(
         driver_entry_export,
         relocations_applied: 0,
         imports_bound: 0,
+        retired: AtomicBool::new(false),
     };
     if relocatable && image.at_preferred_base() {
         return Err(LoadError::Map(

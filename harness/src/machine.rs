@@ -110,6 +110,7 @@ impl Machine {
         driver_object[0x18 / 8] = image.base() as u64;
         driver_object[0x20 / 8] = image.size() as u64;
         driver_object[0x58 / 8] = image.entry() as u64;
+        kernel::set_driver_object(driver_object.as_ptr().expose_provenance());
         Ok(Machine {
             image,
             driver_object,
@@ -208,7 +209,9 @@ impl Machine {
         self.join(cpu)
     }
 
-    fn driver_object_address(&self) -> usize {
+    /// The address of the machine's `DRIVER_OBJECT` (what `DriverEntry` receives).
+    #[must_use]
+    pub fn driver_object_address(&self) -> usize {
         self.driver_object.as_ptr().expose_provenance()
     }
 
@@ -285,12 +288,18 @@ impl Machine {
         true
     }
 
-    /// Calls `DriverUnload` at `PASSIVE_LEVEL` if `DriverEntry` set it, then retires the
-    /// image (any later call into it faults). Returns whether a routine was set.
+    /// Calls `DriverUnload` at `PASSIVE_LEVEL` if `DriverEntry` set it, waits for the work
+    /// items still queued or running (each keeps the image loaded until its routine
+    /// returns), then retires the image (any later call into it faults) unless the driver
+    /// still holds a reference to its driver object: then the image stays mapped, as on
+    /// Windows, and the debugger output says so ([`kernel::after_driver_unload`],
+    /// [`retire_if_unreferenced`](Self::retire_if_unreferenced)). Returns whether a routine
+    /// was set.
     ///
     /// # Errors
     ///
-    /// See [`Stop`].
+    /// See [`Stop`]; [`Stop::Hang`] when work items were still outstanding after the
+    /// timeout.
     ///
     /// # Panics
     ///
@@ -313,8 +322,39 @@ impl Machine {
                 unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
             unload(core::ptr::with_exposed_provenance_mut(driver_object));
         })?;
-        self.image.retire();
+        match kernel::after_driver_unload(self.timeout) {
+            kernel::AfterUnload::Unmap => self.image.retire(),
+            kernel::AfterUnload::KeptMapped(_) => {}
+            kernel::AfterUnload::WorkItemsOutstanding(count) => {
+                return Err(Stop::Hang {
+                    what: format!("{count} work item(s) still outstanding after DriverUnload"),
+                    waited: self.timeout,
+                });
+            }
+            kernel::AfterUnload::Stopped => {
+                return Err(Stop::Bugcheck(
+                    kernel::stopped().expect("the model reported a stop"),
+                ));
+            }
+        }
         Ok(true)
+    }
+
+    /// Retires the image if `DriverUnload` has run and the driver holds no reference to
+    /// its driver object any more (the last `ObDereferenceObject` happened); returns
+    /// whether the image is retired now. The model never unmaps on its own: the thread that
+    /// drops the last reference may still be returning into the image.
+    #[must_use = "whether the image is retired"]
+    pub fn retire_if_unreferenced(&self) -> bool {
+        if !self.image.is_retired()
+            && matches!(
+                kernel::after_driver_unload(Duration::ZERO),
+                kernel::AfterUnload::Unmap
+            )
+        {
+            self.image.retire();
+        }
+        self.image.is_retired()
     }
 
     /// The address of an exported function of the image.

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::bugcheck::{bugcheck, halt_if_stopped};
 use super::{
-    DISPATCH_LEVEL, IRQL_NOT_DISPATCH_LEVEL, IRQL_NOT_LESS_OR_EQUAL, PASSIVE_LEVEL,
-    SPIN_LOCK_ALREADY_OWNED, SPIN_LOCK_NOT_OWNED,
+    DISPATCH_LEVEL, IRQL_NOT_DISPATCH_LEVEL, IRQL_NOT_GREATER_OR_EQUAL, IRQL_NOT_LESS_OR_EQUAL,
+    PASSIVE_LEVEL, SPIN_LOCK_ALREADY_OWNED, SPIN_LOCK_NOT_OWNED,
 };
 
 thread_local! {
@@ -70,17 +70,23 @@ pub(crate) unsafe extern "win64" fn ke_acquire_spin_lock_raise_to_dpc(lock: *mut
             format!("KeAcquireSpinLockRaiseToDpc at IRQL {irql}"),
         );
     }
-    let me = thread_id();
     // SAFETY: the driver passes its own spin lock (this function's contract).
     let word = unsafe { lock_word(lock) };
+    set_irql(DISPATCH_LEVEL);
+    spin("KeAcquireSpinLockRaiseToDpc", lock.addr(), word);
+    irql
+}
+
+/// Takes `word` for the calling thread (already at `DISPATCH_LEVEL` or above).
+fn spin(routine: &str, address: usize, word: &AtomicUsize) {
+    let me = thread_id();
     if word.load(Ordering::Relaxed) == me {
         bugcheck(
             SPIN_LOCK_ALREADY_OWNED,
-            [lock.addr(), 0, 0, 0],
-            "KeAcquireSpinLockRaiseToDpc on a spin lock this thread holds".into(),
+            [address, 0, 0, 0],
+            format!("{routine} on a spin lock this thread holds"),
         );
     }
-    set_irql(DISPATCH_LEVEL);
     let mut spins = 0u32;
     while word
         .compare_exchange_weak(0, me, Ordering::Acquire, Ordering::Relaxed)
@@ -93,7 +99,18 @@ pub(crate) unsafe extern "win64" fn ke_acquire_spin_lock_raise_to_dpc(lock: *mut
         }
         std::hint::spin_loop();
     }
-    irql
+}
+
+/// Releases `word`, held by the calling thread.
+fn unspin(routine: &str, address: usize, word: &AtomicUsize) {
+    if word.load(Ordering::Relaxed) != thread_id() {
+        bugcheck(
+            SPIN_LOCK_NOT_OWNED,
+            [address, 0, 0, 0],
+            format!("{routine} of a spin lock this thread does not hold"),
+        );
+    }
+    word.store(0, Ordering::Release);
 }
 
 /// # Safety
@@ -110,13 +127,6 @@ pub(crate) unsafe extern "win64" fn ke_release_spin_lock(lock: *mut usize, new_i
     }
     // SAFETY: the driver passes its own spin lock (this function's contract).
     let word = unsafe { lock_word(lock) };
-    if word.load(Ordering::Relaxed) != thread_id() {
-        bugcheck(
-            SPIN_LOCK_NOT_OWNED,
-            [lock.addr(), 0, 0, 0],
-            "KeReleaseSpinLock of a spin lock this thread does not hold".into(),
-        );
-    }
     if new_irql > DISPATCH_LEVEL {
         bugcheck(
             IRQL_NOT_LESS_OR_EQUAL,
@@ -124,6 +134,81 @@ pub(crate) unsafe extern "win64" fn ke_release_spin_lock(lock: *mut usize, new_i
             format!("KeReleaseSpinLock to IRQL {new_irql}"),
         );
     }
-    word.store(0, Ordering::Release);
+    unspin("KeReleaseSpinLock", lock.addr(), word);
+    set_irql(new_irql);
+}
+
+/// # Safety
+///
+/// `lock` is valid for a write (`KeInitializeSpinLock`'s contract).
+pub(crate) unsafe extern "win64" fn ke_initialize_spin_lock(lock: *mut usize) {
+    // SAFETY: valid for a write (this function's contract); the driver does not use the
+    // lock while initialising it, so a plain store cannot race an atomic access.
+    unsafe { lock.write(0) };
+}
+
+/// Bugchecks `IRQL_NOT_GREATER_OR_EQUAL` unless the thread is at `DISPATCH_LEVEL` or above.
+fn require_dispatch(routine: &str, address: usize) {
+    let irql = current_irql();
+    if irql < DISPATCH_LEVEL {
+        bugcheck(
+            IRQL_NOT_GREATER_OR_EQUAL,
+            [address, usize::from(irql), 0, 0],
+            format!("{routine} at IRQL {irql}; it requires IRQL >= DISPATCH_LEVEL"),
+        );
+    }
+}
+
+/// # Safety
+///
+/// `lock` points to the driver's `KSPIN_LOCK` (`KeAcquireSpinLockAtDpcLevel`'s contract).
+pub(crate) unsafe extern "win64" fn ke_acquire_spin_lock_at_dpc_level(lock: *mut usize) {
+    require_dispatch("KeAcquireSpinLockAtDpcLevel", lock.addr());
+    // SAFETY: the driver passes its own spin lock (this function's contract).
+    let word = unsafe { lock_word(lock) };
+    spin("KeAcquireSpinLockAtDpcLevel", lock.addr(), word);
+}
+
+/// # Safety
+///
+/// `lock` points to the driver's `KSPIN_LOCK` (`KeReleaseSpinLockFromDpcLevel`'s contract).
+pub(crate) unsafe extern "win64" fn ke_release_spin_lock_from_dpc_level(lock: *mut usize) {
+    require_dispatch("KeReleaseSpinLockFromDpcLevel", lock.addr());
+    // SAFETY: the driver passes its own spin lock (this function's contract).
+    let word = unsafe { lock_word(lock) };
+    unspin("KeReleaseSpinLockFromDpcLevel", lock.addr(), word);
+}
+
+/// `KfRaiseIrql(NewIrql)`: returns the old IRQL; a "raise" to a lower IRQL bugchecks
+/// `IRQL_NOT_GREATER_OR_EQUAL`.
+pub(crate) extern "win64" fn kf_raise_irql(new_irql: u8) -> u8 {
+    let old = current_irql();
+    if new_irql < old {
+        bugcheck(
+            IRQL_NOT_GREATER_OR_EQUAL,
+            [usize::from(old), usize::from(new_irql), 0, 0],
+            format!("KfRaiseIrql({new_irql}) at IRQL {old}: a raise to a lower IRQL"),
+        );
+    }
+    set_irql(new_irql);
+    old
+}
+
+/// `KeRaiseIrqlToDpcLevel()`.
+pub(crate) extern "win64" fn ke_raise_irql_to_dpc_level() -> u8 {
+    kf_raise_irql(DISPATCH_LEVEL)
+}
+
+/// `KeLowerIrql(NewIrql)` / `KfLowerIrql(NewIrql)`: a "lower" to a higher IRQL bugchecks
+/// `IRQL_NOT_LESS_OR_EQUAL`.
+pub(crate) extern "win64" fn ke_lower_irql(new_irql: u8) {
+    let old = current_irql();
+    if new_irql > old {
+        bugcheck(
+            IRQL_NOT_LESS_OR_EQUAL,
+            [usize::from(old), usize::from(new_irql), 0, 0],
+            format!("KeLowerIrql({new_irql}) at IRQL {old}: a lower to a higher IRQL"),
+        );
+    }
     set_irql(new_irql);
 }

@@ -23,6 +23,32 @@
 //!
 //! One machine runs at a time (see [`crate::machine::Machine`]), so the state is global.
 //!
+//! # What is modelled
+//!
+//! | routine (ntoskrnl.exe unless named) | IRQL rule checked | on violation |
+//! |---|---|---|
+//! | `KeGetCurrentIrql`, `PsGetCurrentThreadId` | any | - |
+//! | `KfRaiseIrql`, `KeRaiseIrqlToDpcLevel` | new >= current | `IRQL_NOT_GREATER_OR_EQUAL` |
+//! | `KeLowerIrql`, `KfLowerIrql` | new <= current | `IRQL_NOT_LESS_OR_EQUAL` |
+//! | `KeInitializeSpinLock` | any | - |
+//! | `KeAcquireSpinLockRaiseToDpc` / `KeReleaseSpinLock` | `<= DISPATCH_LEVEL` / `== DISPATCH_LEVEL`; owner | `0x0A` / `0x08`; `0x0F`, `0x10` |
+//! | `KeAcquireSpinLockAtDpcLevel` / `KeReleaseSpinLockFromDpcLevel` | `>= DISPATCH_LEVEL`; owner | `0x09`; `0x0F`, `0x10` |
+//! | `KeInitializeEvent`, `KeSetEvent`, `KeResetEvent`, `KeClearEvent`, `KeReadStateEvent` | `<= DISPATCH_LEVEL` | `0x0A` |
+//! | `KeWaitForSingleObject` (events only) | `<= APC_LEVEL`, or `DISPATCH_LEVEL` with a zero timeout | `0x0A` |
+//! | `KeDelayExecutionThread` | `<= APC_LEVEL` | `0x0A` |
+//! | `ExAllocatePool2`, `ExAllocatePoolWithTag`, `ExAllocatePool` | paged `<= APC_LEVEL`, non-paged `<= DISPATCH_LEVEL`; size > 0 | `0xC4` |
+//! | `ExFreePoolWithTag`, `ExFreePool` | `<= DISPATCH_LEVEL`; live block; tag | `0xC4` |
+//! | `IoAllocateWorkItem`, `IoFreeWorkItem`, `IoInitializeWorkItem`, `IoUninitializeWorkItem`, `IoQueueWorkItem`, `IoQueueWorkItemEx`, `IoSizeofWorkItem` | `<= DISPATCH_LEVEL`; not queued twice, not freed queued, `IoQueueWorkItem` needs a device object; the routine returns at `PASSIVE_LEVEL` | `0x0A`, `WORKER_INVALID` (`0xE4`), `0xE1` |
+//! | `ObfReferenceObject`/`ObReferenceObject`, `ObfDereferenceObject`/`ObDereferenceObject` | `<= DISPATCH_LEVEL`; the driver object's count never below the I/O manager's | `0x0A`, `REFERENCE_BY_POINTER` (`0x18`) |
+//! | `RtlInitUnicodeString`, `RtlInitAnsiString`, `RtlCopyUnicodeString` | `<= DISPATCH_LEVEL` | `0x0A` |
+//! | `memcpy`, `memmove`, `memset`, `memcmp`, `strlen` | any | - |
+//! | `DbgPrint` | any | - |
+//! | `KeBugCheckEx` | any | the stop itself |
+//! | netio.sys `NotifyTeredoPortChange`, `GetTeredoPort` / `CancelMibChangeNotify2` | `<= APC_LEVEL` / `PASSIVE_LEVEL` | `0x0A` |
+//!
+//! A reference the driver holds on its driver object, and a queued or running work item,
+//! keep the image mapped after `DriverUnload` ([`object`], [`workitem`]).
+//!
 //! # Layout
 //!
 //! This module holds the shared state (one lock, one condition variable), the constants and
@@ -40,8 +66,11 @@ pub mod crt;
 pub mod dbgprint;
 pub mod irql;
 pub mod netio;
+pub mod object;
 pub mod pool;
+pub mod strings;
 pub mod wait;
+pub mod workitem;
 
 pub use bugcheck::{Bugcheck, bugcheck, stopped};
 pub use dbgprint::run_in_next_callback;
@@ -50,18 +79,34 @@ pub use netio::{
     Delivery, NetioCall, NetioStats, client, deliver, fail_next, live_contexts, netio_stats,
     set_callback_irql, set_ipv6,
 };
+pub use object::{AfterUnload, after_driver_unload, driver_object_references, set_driver_object};
 pub use pool::{PoolBlock, PoolStats, fail_allocation_after, pool_blocks, pool_stats};
+pub use strings::{AnsiString, UnicodeString};
+pub use workitem::{WORKER_INVALID, WorkItemStats, work_item_stats, work_items_outstanding};
 
 use bugcheck::ke_bug_check_ex;
 use crt::{memcmp, memcpy, memmove, memset, strlen};
 use dbgprint::{IN_CALLBACK_HOOK, dbg_print};
 use irql::{
-    ke_acquire_spin_lock_raise_to_dpc, ke_get_current_irql, ke_release_spin_lock,
-    ps_get_current_thread_id,
+    ke_acquire_spin_lock_at_dpc_level, ke_acquire_spin_lock_raise_to_dpc, ke_get_current_irql,
+    ke_initialize_spin_lock, ke_lower_irql, ke_raise_irql_to_dpc_level, ke_release_spin_lock,
+    ke_release_spin_lock_from_dpc_level, kf_raise_irql, ps_get_current_thread_id,
 };
 use netio::{Netio, cancel_mib_change_notify2, get_teredo_port, notify_teredo_port_change};
-use pool::{Pool, ex_allocate_pool2, ex_free_pool_with_tag};
-use wait::ke_delay_execution_thread;
+use object::{Objects, obf_dereference_object, obf_reference_object};
+use pool::{
+    Pool, ex_allocate_pool, ex_allocate_pool_with_tag, ex_allocate_pool2, ex_free_pool,
+    ex_free_pool_with_tag,
+};
+use strings::{rtl_copy_unicode_string, rtl_init_ansi_string, rtl_init_unicode_string};
+use wait::{
+    ke_clear_event, ke_delay_execution_thread, ke_initialize_event, ke_read_state_event,
+    ke_reset_event, ke_set_event, ke_wait_for_single_object,
+};
+use workitem::{
+    WorkItems, io_allocate_work_item, io_free_work_item, io_initialize_work_item,
+    io_queue_work_item, io_queue_work_item_ex, io_sizeof_work_item, io_uninitialize_work_item,
+};
 
 /// `PASSIVE_LEVEL`.
 pub const PASSIVE_LEVEL: u8 = 0;
@@ -72,6 +117,8 @@ pub const DISPATCH_LEVEL: u8 = 2;
 
 /// `STATUS_SUCCESS`.
 pub const STATUS_SUCCESS: i32 = 0;
+/// `STATUS_TIMEOUT`: a wait ended by its timeout.
+pub const STATUS_TIMEOUT: i32 = 0x102;
 /// `STATUS_NOT_SUPPORTED`.
 pub const STATUS_NOT_SUPPORTED: i32 = 0xC000_00BB_u32.cast_signed();
 /// `STATUS_POSSIBLE_DEADLOCK`: the model's answer to a cancel from inside the callback.
@@ -94,16 +141,25 @@ pub const MIB_INITIAL_NOTIFICATION: i32 = 3;
 
 /// `IRQL_NOT_DISPATCH_LEVEL`.
 pub const IRQL_NOT_DISPATCH_LEVEL: u32 = 0x08;
+/// `IRQL_NOT_GREATER_OR_EQUAL`.
+pub const IRQL_NOT_GREATER_OR_EQUAL: u32 = 0x09;
 /// `IRQL_NOT_LESS_OR_EQUAL`.
 pub const IRQL_NOT_LESS_OR_EQUAL: u32 = 0x0A;
 /// `SPIN_LOCK_ALREADY_OWNED`.
 pub const SPIN_LOCK_ALREADY_OWNED: u32 = 0x0F;
 /// `SPIN_LOCK_NOT_OWNED`.
 pub const SPIN_LOCK_NOT_OWNED: u32 = 0x10;
+/// `REFERENCE_BY_POINTER`: an object's reference count went below zero.
+pub const REFERENCE_BY_POINTER: u32 = 0x18;
 /// `DRIVER_VERIFIER_DETECTED_VIOLATION`.
 pub const DRIVER_VERIFIER_DETECTED_VIOLATION: u32 = 0xC4;
 /// `IRQL_UNEXPECTED_VALUE`: a callback returned at another IRQL than it was called at.
 pub const IRQL_UNEXPECTED_VALUE: u32 = 0xC8;
+/// `WORKER_THREAD_RETURNED_AT_BAD_IRQL`: a work item routine returned above
+/// `PASSIVE_LEVEL`.
+pub const WORKER_THREAD_RETURNED_AT_BAD_IRQL: u32 = 0xE1;
+/// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`.
+pub const DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS: u32 = 0xCE;
 
 /// `POOL_FLAG_UNINITIALIZED`.
 pub const POOL_FLAG_UNINITIALIZED: u64 = 0x2;
@@ -122,6 +178,8 @@ pub(crate) struct State {
     pub(crate) echo: bool,
     pub(crate) pool: Pool,
     pub(crate) netio: Netio,
+    pub(crate) objects: Objects,
+    pub(crate) work: WorkItems,
     pub(crate) bugcheck: Option<Bugcheck>,
     /// Image range, for decoding a panic's file name.
     pub(crate) image: (usize, usize),
@@ -208,6 +266,49 @@ pub fn resolve(module: &str, name: &str) -> Option<usize> {
         ("ntoskrnl.exe", "memset") => memset as *const () as usize,
         ("ntoskrnl.exe", "memcmp") => memcmp as *const () as usize,
         ("ntoskrnl.exe", "strlen") => strlen as *const () as usize,
+        ("ntoskrnl.exe", "KeInitializeSpinLock") => ke_initialize_spin_lock as *const () as usize,
+        ("ntoskrnl.exe", "KeAcquireSpinLockAtDpcLevel") => {
+            ke_acquire_spin_lock_at_dpc_level as *const () as usize
+        }
+        ("ntoskrnl.exe", "KeReleaseSpinLockFromDpcLevel") => {
+            ke_release_spin_lock_from_dpc_level as *const () as usize
+        }
+        ("ntoskrnl.exe", "KfRaiseIrql") => kf_raise_irql as *const () as usize,
+        ("ntoskrnl.exe", "KeRaiseIrqlToDpcLevel") => {
+            ke_raise_irql_to_dpc_level as *const () as usize
+        }
+        ("ntoskrnl.exe", "KeLowerIrql" | "KfLowerIrql") => ke_lower_irql as *const () as usize,
+        ("ntoskrnl.exe", "KeInitializeEvent") => ke_initialize_event as *const () as usize,
+        ("ntoskrnl.exe", "KeSetEvent") => ke_set_event as *const () as usize,
+        ("ntoskrnl.exe", "KeResetEvent") => ke_reset_event as *const () as usize,
+        ("ntoskrnl.exe", "KeClearEvent") => ke_clear_event as *const () as usize,
+        ("ntoskrnl.exe", "KeReadStateEvent") => ke_read_state_event as *const () as usize,
+        ("ntoskrnl.exe", "KeWaitForSingleObject") => {
+            ke_wait_for_single_object as *const () as usize
+        }
+        ("ntoskrnl.exe", "ExAllocatePoolWithTag") => {
+            ex_allocate_pool_with_tag as *const () as usize
+        }
+        ("ntoskrnl.exe", "ExAllocatePool") => ex_allocate_pool as *const () as usize,
+        ("ntoskrnl.exe", "ExFreePool") => ex_free_pool as *const () as usize,
+        ("ntoskrnl.exe", "IoAllocateWorkItem") => io_allocate_work_item as *const () as usize,
+        ("ntoskrnl.exe", "IoFreeWorkItem") => io_free_work_item as *const () as usize,
+        ("ntoskrnl.exe", "IoSizeofWorkItem") => io_sizeof_work_item as *const () as usize,
+        ("ntoskrnl.exe", "IoInitializeWorkItem") => io_initialize_work_item as *const () as usize,
+        ("ntoskrnl.exe", "IoUninitializeWorkItem") => {
+            io_uninitialize_work_item as *const () as usize
+        }
+        ("ntoskrnl.exe", "IoQueueWorkItem") => io_queue_work_item as *const () as usize,
+        ("ntoskrnl.exe", "IoQueueWorkItemEx") => io_queue_work_item_ex as *const () as usize,
+        ("ntoskrnl.exe", "ObfReferenceObject" | "ObReferenceObject") => {
+            obf_reference_object as *const () as usize
+        }
+        ("ntoskrnl.exe", "ObfDereferenceObject" | "ObDereferenceObject") => {
+            obf_dereference_object as *const () as usize
+        }
+        ("ntoskrnl.exe", "RtlInitUnicodeString") => rtl_init_unicode_string as *const () as usize,
+        ("ntoskrnl.exe", "RtlInitAnsiString") => rtl_init_ansi_string as *const () as usize,
+        ("ntoskrnl.exe", "RtlCopyUnicodeString") => rtl_copy_unicode_string as *const () as usize,
         ("netio.sys", "NotifyTeredoPortChange") => notify_teredo_port_change as *const () as usize,
         ("netio.sys", "GetTeredoPort") => get_teredo_port as *const () as usize,
         ("netio.sys", "CancelMibChangeNotify2") => cancel_mib_change_notify2 as *const () as usize,

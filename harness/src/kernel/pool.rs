@@ -1,4 +1,5 @@
-//! Pool: `ExAllocatePool2` and `ExFreePoolWithTag`, checked as Driver Verifier checks them.
+//! Pool: `ExAllocatePool2`, `ExAllocatePoolWithTag`, `ExAllocatePool`, `ExFreePoolWithTag` and
+//! `ExFreePool`, checked as Driver Verifier checks them.
 
 use core::ffi::c_void;
 use std::collections::HashMap;
@@ -102,35 +103,79 @@ pub(crate) fn pool_type(flags: u64) -> Option<&'static str> {
 }
 
 pub(crate) extern "win64" fn ex_allocate_pool2(flags: u64, size: usize, tag: u32) -> *mut c_void {
-    let irql = current_irql();
     let Some(kind) = pool_type(flags) else {
         note(&format!(
             "ExAllocatePool2: no single pool type in flags {flags:#x}: NULL"
         ));
         return core::ptr::null_mut();
     };
-    let max = if kind == "PagedPool" {
-        APC_LEVEL
+    if flags & POOL_FLAG_RAISE_ON_FAILURE != 0 {
+        note("ExAllocatePool2: POOL_FLAG_RAISE_ON_FAILURE is not modelled (no SEH here)");
+    }
+    let fill = if flags & POOL_FLAG_UNINITIALIZED != 0 {
+        UNINITIALIZED
     } else {
-        DISPATCH_LEVEL
+        0
     };
+    allocate("ExAllocatePool2", kind, size, tag, fill)
+}
+
+/// `POOL_TYPE` values are even for non-paged pool and odd for paged pool (`PagedPool` 1,
+/// `PagedPoolCacheAligned` 5, `PagedPoolSession` 33, ...; `NonPagedPoolNx` 512).
+fn legacy_pool_type(pool_type: i32) -> &'static str {
+    match pool_type {
+        0 => "NonPagedPool",
+        512 => "NonPagedPoolNx",
+        t if t & 1 == 1 => "PagedPool",
+        _ => "NonPagedPool (other POOL_TYPE)",
+    }
+}
+
+/// `ExAllocatePoolWithTag(PoolType, NumberOfBytes, Tag)`: the memory is not zeroed.
+pub(crate) extern "win64" fn ex_allocate_pool_with_tag(
+    pool_type: i32,
+    size: usize,
+    tag: u32,
+) -> *mut c_void {
+    let kind = legacy_pool_type(pool_type);
+    allocate("ExAllocatePoolWithTag", kind, size, tag, UNINITIALIZED)
+}
+
+/// `ExAllocatePool(PoolType, NumberOfBytes)`: tag `None`, as the kernel tags it.
+pub(crate) extern "win64" fn ex_allocate_pool(pool_type: i32, size: usize) -> *mut c_void {
+    let kind = legacy_pool_type(pool_type);
+    allocate(
+        "ExAllocatePool",
+        kind,
+        size,
+        u32::from_le_bytes(*b"None"),
+        UNINITIALIZED,
+    )
+}
+
+/// The fill of memory the caller did not ask to be zeroed: nothing may rely on zeroes.
+const UNINITIALIZED: u8 = 0xCD;
+
+/// One allocation of `kind` (a name ending in `PagedPool` is paged) for `routine`, with
+/// the IRQL and size checks Driver Verifier makes, and the injected failures.
+fn allocate(routine: &str, kind: &str, size: usize, tag: u32, fill: u8) -> *mut c_void {
+    let irql = current_irql();
+    let paged = kind == "PagedPool";
+    let max = if paged { APC_LEVEL } else { DISPATCH_LEVEL };
     if irql > max {
-        let code = if kind == "PagedPool" { 0x01 } else { 0x02 };
+        let code = if paged { 0x01 } else { 0x02 };
         bugcheck(
             DRIVER_VERIFIER_DETECTED_VIOLATION,
             [code, usize::from(irql), 0, size],
-            format!("ExAllocatePool2({kind}) at IRQL {irql}"),
+            format!("{routine}({kind}) at IRQL {irql}"),
         );
     }
     if size == 0 {
         bugcheck(
             DRIVER_VERIFIER_DETECTED_VIOLATION,
             [0x00, usize::from(irql), 0, 0],
-            "ExAllocatePool2 of zero bytes".into(),
+            format!("{routine} of zero bytes"),
         );
-    }
-    if flags & POOL_FLAG_RAISE_ON_FAILURE != 0 {
-        note("ExAllocatePool2: POOL_FLAG_RAISE_ON_FAILURE is not modelled (no SEH here)");
     }
     let mut state = halt_if_stopped(lock());
     match state.pool.fail_after {
@@ -150,11 +195,6 @@ pub(crate) extern "win64" fn ex_allocate_pool2(flags: u64, size: usize, tag: u32
     if block.is_null() {
         return core::ptr::null_mut();
     }
-    let fill = if flags & POOL_FLAG_UNINITIALIZED != 0 {
-        0xCD
-    } else {
-        0
-    };
     // SAFETY: `block` is a fresh allocation of `size` bytes.
     unsafe { block.write_bytes(fill, size) };
     state
@@ -170,12 +210,21 @@ pub(crate) extern "win64" fn ex_allocate_pool2(flags: u64, size: usize, tag: u32
 }
 
 pub(crate) extern "win64" fn ex_free_pool_with_tag(p: *mut c_void, tag: u32) {
+    free("ExFreePoolWithTag", p, Some(tag));
+}
+
+/// `ExFreePool(P)`: no tag to check.
+pub(crate) extern "win64" fn ex_free_pool(p: *mut c_void) {
+    free("ExFreePool", p, None);
+}
+
+fn free(routine: &str, p: *mut c_void, tag: Option<u32>) {
     let irql = current_irql();
     if irql > DISPATCH_LEVEL {
         bugcheck(
             DRIVER_VERIFIER_DETECTED_VIOLATION,
             [0x12, usize::from(irql), 0, p.addr()],
-            format!("ExFreePoolWithTag at IRQL {irql}"),
+            format!("{routine} at IRQL {irql}"),
         );
     }
     let mut state = halt_if_stopped(lock());
@@ -184,16 +233,16 @@ pub(crate) extern "win64" fn ex_free_pool_with_tag(p: *mut c_void, tag: u32) {
         bugcheck(
             DRIVER_VERIFIER_DETECTED_VIOLATION,
             [0x10, p.addr(), 0, 0],
-            format!("ExFreePoolWithTag({p:p}): not a live pool block (double free or bad address)"),
+            format!("{routine}({p:p}): not a live pool block (double free or bad address)"),
         );
     };
-    if block.tag != tag {
+    if let Some(tag) = tag.filter(|tag| *tag != block.tag) {
         drop(state);
         bugcheck(
             DRIVER_VERIFIER_DETECTED_VIOLATION,
             [0x16, 0, p.addr(), tag as usize],
             format!(
-                "ExFreePoolWithTag({p:p}, {tag:#x}): allocated with tag {:#x}",
+                "{routine}({p:p}, {tag:#x}): allocated with tag {:#x}",
                 block.tag
             ),
         );
