@@ -1,25 +1,20 @@
-//! Build script of the `teredo-monitor` example driver.
+//! Build script of the `teredo-monitor` driver image.
 //!
 //! With the `wdk` feature (the default: the real driver), [`wdk_build`] configures the
 //! driver binary build from the WDK found on this Windows host (linker flags, entry point,
 //! libraries), as every windows-drivers-rs driver does. `wdk-build` refuses to compile on a
 //! non-Windows host, so it is an optional build-dependency enabled only by that feature.
 //!
-//! With `host-mock` (the Linux main job) nothing is configured: the crate builds for the
-//! host with `std`.
+//! With `kernel-shim` (the loader harness's image) nothing is configured here: the harness's
+//! build step passes the rust-lld linker settings on its command line.
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+#[cfg(feature = "wdk")]
+fn main() -> Result<(), wdk_build::ConfigError> {
     println!("cargo::rerun-if-changed=build.rs");
-    let wdk = std::env::var_os("CARGO_FEATURE_WDK").is_some();
-    let host = std::env::var_os("CARGO_FEATURE_HOST_MOCK").is_some();
-    if wdk && host {
-        return Err(
-            "teredo-monitor: features `wdk` and `host-mock` select two platforms; \
-                    for the host build use `--no-default-features --features host-mock`"
-                .into(),
-        );
-    }
-    #[cfg(feature = "wdk")]
-    wdk_build::configure_wdk_binary_build()?;
-    Ok(())
+    wdk_build::configure_wdk_binary_build()
+}
+
+#[cfg(not(feature = "wdk"))]
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
 }

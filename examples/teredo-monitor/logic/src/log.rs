@@ -1,7 +1,7 @@
 //! The driver's one logging facade.
 //!
 //! `log!(...)` formats like `format_args!` and hands the line to the platform's `log`
-//! function: `wdk::println!` (`DbgPrint`) in the driver, standard output on the host.
+//! function ([`crate::platform::log`]): `DbgPrint` in the driver, standard output on the host.
 //! Neither allocates, so `log!` may be used in callbacks at `DISPATCH_LEVEL`. The driver
 //! logic never calls a platform printing function directly.
 

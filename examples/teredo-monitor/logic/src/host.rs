@@ -95,7 +95,7 @@ fn wait(guard: MutexGuard<'static, HostState>) -> MutexGuard<'static, HostState>
 }
 
 /// The target of `log!` on the host.
-pub(crate) fn log(args: fmt::Arguments<'_>) {
+pub fn log(args: fmt::Arguments<'_>) {
     let mut line = LineBuffer::new();
     let _ = line.write_fmt(args);
     let me = thread::current().id();

@@ -9,22 +9,22 @@
 //! |---|---|
 //! | `wdk-alloc` global allocator | [`PoolAllocator`]: `ExAllocatePool2(POOL_FLAG_NON_PAGED)` / `ExFreePoolWithTag` |
 //! | `wdk-panic` handler | `KeBugCheckEx(`[`PANIC_BUGCHECK`]`, line, column, file, file length)` |
-//! | `wdk::println!` | [`log`]: formats into a stack buffer, then `DbgPrint("%s", ..)` |
+//! | `wdk::println!` | `teredo_monitor_logic::platform::log` (feature `kernel-shim`): formats into a stack buffer, then `DbgPrint("%s", ..)` |
 //! | `wdk_sys::DRIVER_OBJECT` | [`DriverObject`]: only the `DriverUnload` field (offset `0x68`) |
 //!
-//! The entry points call the same [`crate::driver`] functions as `wdk.rs`. Every import is
+//! The entry points call the same `teredo_monitor_logic::driver` functions as `wdk.rs`. Every import is
 //! `raw-dylib` from `ntoskrnl.exe` (the library adds `netio.sys`), so no import library is
 //! needed. The linker settings live in the harness's build step, never in this crate.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::{c_char, c_void};
-use core::fmt::{self, Write};
 
 use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 
-use crate::driver::{self, DriverConfig, TeredoMonitor};
-use crate::slot::DriverSlot;
+use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::platform::log;
+use teredo_monitor_logic::slot::DriverSlot;
 
 #[cfg(not(target_os = "windows"))]
 compile_error!("teredo-monitor: `kernel-shim` builds the driver image for x86_64-pc-windows-msvc");
@@ -48,12 +48,6 @@ unsafe extern "system" {
     fn ExFreePoolWithTag(p: *mut c_void, tag: u32);
     /// `KeBugCheckEx` (any IRQL; does not return).
     fn KeBugCheckEx(code: u32, p1: usize, p2: usize, p3: usize, p4: usize) -> !;
-}
-
-#[link(name = "ntoskrnl.exe", kind = "raw-dylib", modifiers = "+verbatim")]
-unsafe extern "C" {
-    /// `DbgPrint` (`__cdecl`, variadic; valid up to `DIRQL`).
-    fn DbgPrint(format: *const c_char, ...) -> u32;
 }
 
 // The C runtime routines that compiled Rust code calls (`core`, `alloc` and the code LLVM
@@ -141,43 +135,6 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
             file.len(),
         )
     }
-}
-
-/// One line of output: at most this many bytes, the rest is cut.
-const LINE_CAPACITY: usize = 480;
-
-/// A NUL-terminated line on the stack; writes past the capacity are dropped.
-struct LineBuffer {
-    bytes: [u8; LINE_CAPACITY + 1],
-    len: usize,
-}
-
-impl Write for LineBuffer {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &b in s.as_bytes() {
-            if self.len == LINE_CAPACITY {
-                break;
-            }
-            // A NUL inside the text would end the C string early: shown as a space.
-            self.bytes[self.len] = if b == 0 { b' ' } else { b };
-            self.len += 1;
-        }
-        Ok(())
-    }
-}
-
-/// The target of [`log!`]: `DbgPrint("%s\n", line)` with the line formatted on the stack
-/// (no allocation, valid at `DISPATCH_LEVEL`).
-pub(crate) fn log(args: fmt::Arguments<'_>) {
-    let mut line = LineBuffer {
-        bytes: [0; LINE_CAPACITY + 1],
-        len: 0,
-    };
-    let _ = write!(line, "teredo-monitor: {args}");
-    line.bytes[line.len] = 0;
-    // SAFETY: both arguments are NUL-terminated strings that outlive the call, and the
-    // format has exactly one `%s` for the one variadic argument.
-    unsafe { DbgPrint(c"%s\n".as_ptr(), line.bytes.as_ptr().cast::<c_char>()) };
 }
 
 /// The part of the x64 `DRIVER_OBJECT` this driver touches: `DriverUnload` at `0x68`

@@ -1,4 +1,4 @@
-//! The main job on the host: runs the example driver's own code (`teredo_monitor::driver`,
+//! The main job on the host: runs the example driver's own code (`teredo_monitor_logic::driver`,
 //! the module the Windows build packages) through a scripted scenario on the library's
 //! host mock of netio, and checks that it leaves nothing behind.
 //!
@@ -6,7 +6,7 @@
 //! `DISPATCH_LEVEL`); stops; starts again and, while that callback is still inside the
 //! driver, the driver unloads; after unload the client restarts once more.
 //!
-//! Run from the repository root with `cargo demo` (an alias in `.cargo/config.toml`).
+//! Run from the repository root with `cargo demo-host` (an alias in `.cargo/config.toml`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::ExitCode;
@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use teredo_monitor::driver::{self, DriverConfig, TeredoMonitor};
-use teredo_monitor::host;
-use teredo_monitor::slot::DriverSlot;
-use teredo_monitor::status::NtStatus;
+use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::host;
+use teredo_monitor_logic::slot::DriverSlot;
+use teredo_monitor_logic::status::NtStatus;
 use teredo_watcher::mock::MockNetio;
 use teredo_watcher::{HandleTable, Irql, sys};
 
@@ -178,7 +178,7 @@ fn run(netio: &MockNetio) -> Observed {
 
 fn main() -> ExitCode {
     println!(
-        "teredo-monitor demo: the example driver's code (teredo_monitor::driver) on the host \
+        "teredo-monitor demo: the example driver's code (teredo_monitor_logic::driver) on the host \
          mock of netio; lines from the driver start with [driver]"
     );
     // Allocations made once for the process's lifetime (stdout's buffer, this thread's

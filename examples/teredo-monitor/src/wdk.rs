@@ -1,18 +1,18 @@
 //! The windows-drivers-rs binding: the real driver.
 //!
-//! Everything that names `wdk`, `wdk-sys`, `wdk-alloc` or `wdk-panic` is in this file:
-//! the global allocator, the panic handler, `wdk::println!` as the target of `log!`, the
-//! exported `DriverEntry`, the `DriverUnload` routine, and the driver's two statics over the
-//! real netio. The driver's behaviour is in [`crate::driver`].
-
-use core::fmt;
+//! Everything of the image that names `wdk-sys`, `wdk-alloc` or `wdk-panic` is in this file:
+//! the global allocator, the panic handler, the exported `DriverEntry`, the `DriverUnload`
+//! routine, and the driver's two statics over the real netio. The driver's behaviour is in
+//! `teredo_monitor_logic::driver`; its `log!` goes to `wdk::println!` (the logic crate's
+//! `wdk` feature).
 
 use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 use wdk_sys::{DRIVER_OBJECT, NTSTATUS, PCUNICODE_STRING};
 
-use crate::driver::{self, DriverConfig, TeredoMonitor};
-use crate::slot::DriverSlot;
+use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::platform::log;
+use teredo_monitor_logic::slot::DriverSlot;
 
 // The panic handler: a panic bugchecks with a recognizable code (wdk-panic's handler).
 // Tests build for the host and use std's.
@@ -31,12 +31,6 @@ static TABLE: HandleTable<NetioPortSource> = HandleTable::new(NetioPortSource::n
 
 /// The driver's state between `DriverEntry` and `DriverUnload`: its one owned place.
 static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot::new();
-
-/// The target of `log!`: `DbgPrint` through `wdk::println!`, which formats into a stack
-/// buffer (no allocation) and is valid up to `DIRQL`.
-pub(crate) fn log(args: fmt::Arguments<'_>) {
-    ::wdk::println!("teredo-monitor: {args}");
-}
 
 /// `DriverEntry`: runs [`driver::driver_entry`] and sets `DriverUnload` when it succeeds
 /// (on failure the I/O manager unloads the image without calling `DriverUnload`, and
@@ -71,6 +65,6 @@ pub unsafe extern "system" fn driver_entry(
 unsafe extern "C" fn driver_unload(_driver: *mut DRIVER_OBJECT) {
     let report = driver::driver_unload(&TABLE, &DRIVER);
     if !report.is_clean() {
-        ::wdk::println!("teredo-monitor: unload left registrations behind: {report:?}");
+        log(format_args!("unload left registrations behind: {report:?}"));
     }
 }

@@ -1,16 +1,17 @@
 //! The example driver's logic on the host mock: every `DriverEntry` step's rollback, the
 //! unload, the exception set, the IRQL in the log.
 //!
-//! Run with `cargo test --manifest-path examples/teredo-monitor/Cargo.toml
-//! --no-default-features --features host-mock`. (Unit tests rather than `tests/`: the
-//! driver profile's `panic = "abort"` would make cargo build the library twice, with
-//! colliding output names, for integration tests.)
+//! Run with `cargo test --manifest-path examples/teredo-monitor/logic/Cargo.toml
+//! --features host-mock`. (Unit tests rather than `tests/`: the workspace profile's
+//! `panic = "abort"` would make cargo build the library twice, with colliding output names,
+//! for integration tests.)
 
 use std::format;
 use std::string::String;
+use std::sync::MutexGuard;
 use std::vec::Vec;
 
-use crate::driver::{self, DriverConfig, TeredoMonitor};
+use crate::driver::{self, DriverConfig, TeredoMonitor, UnloadReport};
 use crate::host;
 use crate::slot::DriverSlot;
 use crate::status::NtStatus;
@@ -18,6 +19,47 @@ use teredo_watcher::mock::MockNetio;
 use teredo_watcher::{Error, HandleTable, Irql, NetioCall, sys};
 
 type Slot<'t> = DriverSlot<TeredoMonitor<'t, MockNetio>>;
+
+/// What every driver test starts from: the host binding held exclusively (it is
+/// process-wide) and reset, a fresh mock netio (Teredo client stopped) and a handle table
+/// over it. The driver's slot borrows the table, so each test makes its own
+/// (`let slot = Slot::new();`). Dropping the fixture resets the host binding again, before
+/// the exclusive hold ends.
+struct Fixture {
+    netio: MockNetio,
+    table: HandleTable<MockNetio>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let serial = host::exclusive();
+        host::reset();
+        let netio = MockNetio::new();
+        let table = HandleTable::new(netio.clone());
+        Fixture {
+            netio,
+            table,
+            _serial: serial,
+        }
+    }
+
+    /// The body of `DriverEntry` on this fixture's f.table.
+    fn entry<'t>(&'t self, slot: &Slot<'t>, config: DriverConfig) -> NtStatus {
+        driver::driver_entry(&self.table, slot, config)
+    }
+
+    /// The body of `DriverUnload` on this fixture's f.table.
+    fn unload<'t>(&'t self, slot: &Slot<'t>) -> UnloadReport {
+        driver::driver_unload(&self.table, slot)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        host::reset();
+    }
+}
 
 /// Runs `f` with the log captured; returns its value and the lines.
 fn captured<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
@@ -35,35 +77,32 @@ fn position(lines: &[String], needle: &str) -> usize {
 
 #[test]
 fn load_follow_the_client_and_unload_cleanly() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
 
     let ((status, report), lines) = captured(|| {
-        let status = driver::driver_entry(&table, &slot, DriverConfig::default());
-        netio.wait_idle();
-        let first = netio.client().start();
-        netio.wait_idle();
-        netio.set_callback_irql(Irql::DISPATCH_LEVEL);
-        let second = netio.client().restart();
-        netio.wait_idle();
+        let status = f.entry(&slot, DriverConfig::default());
+        f.netio.wait_idle();
+        let first = f.netio.client().start();
+        f.netio.wait_idle();
+        f.netio.set_callback_irql(Irql::DISPATCH_LEVEL);
+        let second = f.netio.client().restart();
+        f.netio.wait_idle();
         assert_ne!(first, second);
-        netio.client().stop();
-        netio.wait_idle();
-        (status, driver::driver_unload(&table, &slot))
+        f.netio.client().stop();
+        f.netio.wait_idle();
+        (status, f.unload(&slot))
     });
 
     assert_eq!(status, NtStatus::SUCCESS);
     assert!(report.had_state && report.is_clean(), "{report:?}");
     assert_eq!(report.notifications, 4, "initial, add, change, delete");
-    assert_eq!(netio.live_registrations(), 0);
-    assert_eq!(table.live_registrations(), 0);
-    assert!(table.is_closed());
+    assert_eq!(f.netio.live_registrations(), 0);
+    assert_eq!(f.table.live_registrations(), 0);
+    assert!(f.table.is_closed());
     assert!(!slot.is_occupied());
     assert_eq!(
-        netio.calls(),
+        f.netio.calls(),
         [1, 1, 1],
         "one notify, one seed query, one cancel"
     );
@@ -94,16 +133,13 @@ fn load_follow_the_client_and_unload_cleanly() {
 
 #[test]
 fn a_client_running_at_load_is_in_the_exception_set_from_the_start() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let port = netio.client().start();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
+    let port = f.netio.client().start();
     let slot = Slot::new();
 
     let (status, lines) = captured(|| {
-        let status = driver::driver_entry(&table, &slot, DriverConfig::default());
-        netio.wait_idle();
+        let status = f.entry(&slot, DriverConfig::default());
+        f.netio.wait_idle();
         status
     });
     assert_eq!(status, NtStatus::SUCCESS);
@@ -112,85 +148,73 @@ fn a_client_running_at_load_is_in_the_exception_set_from_the_start() {
         &lines,
         &format!("exception tracker subscribed (snapshot port=udp/{port}): {{dynamic udp/{port}"),
     );
-    assert!(driver::driver_unload(&table, &slot).is_clean());
+    assert!(f.unload(&slot).is_clean());
 }
 
 #[test]
 fn step_1_failure_returns_the_netio_status_and_leaves_nothing() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
-    netio.fail_next(
+    f.netio.fail_next(
         NetioCall::NotifyTeredoPortChange,
         sys::STATUS_INSUFFICIENT_RESOURCES,
     );
 
-    let (status, lines) = captured(|| driver::driver_entry(&table, &slot, DriverConfig::default()));
+    let (status, lines) = captured(|| f.entry(&slot, DriverConfig::default()));
 
     assert_eq!(status, NtStatus::INSUFFICIENT_RESOURCES);
     position(&lines, "step 1/3 (register: NotifyTeredoPortChange) failed");
     assert!(!slot.is_occupied());
-    assert_eq!(netio.live_registrations(), 0);
-    assert_eq!(table.live_registrations(), 0);
+    assert_eq!(f.netio.live_registrations(), 0);
+    assert_eq!(f.table.live_registrations(), 0);
     assert!(
-        !table.is_closed(),
+        !f.table.is_closed(),
         "nothing to tear down after a refused registration"
     );
 }
 
 #[test]
 fn step_1_failure_with_a_win32_code_returns_its_ntstatus() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
-    netio.fail_next(NetioCall::NotifyTeredoPortChange, sys::ERROR_INVALID_HANDLE);
+    f.netio
+        .fail_next(NetioCall::NotifyTeredoPortChange, sys::ERROR_INVALID_HANDLE);
 
-    let (status, _) = captured(|| driver::driver_entry(&table, &slot, DriverConfig::default()));
+    let (status, _) = captured(|| f.entry(&slot, DriverConfig::default()));
 
     assert_eq!(status, NtStatus::INVALID_HANDLE);
-    assert_eq!(netio.live_registrations(), 0);
+    assert_eq!(f.netio.live_registrations(), 0);
 }
 
 #[test]
 fn step_2_failure_cancels_the_registration() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
     // One subscriber slot: the event logger takes it, the exception tracker cannot subscribe.
     let config = DriverConfig { max_subscribers: 1 };
 
-    let (status, lines) = captured(|| driver::driver_entry(&table, &slot, config));
+    let (status, lines) = captured(|| f.entry(&slot, config));
 
     assert_eq!(status, NtStatus::INSUFFICIENT_RESOURCES);
     let failed = position(&lines, "step 2/3 (subscribe the exception tracker) failed");
     let rolled_back = position(&lines, "rolled back: registration cancelled");
     assert!(failed < rolled_back);
     assert!(!slot.is_occupied());
-    assert_eq!(netio.live_registrations(), 0);
-    assert_eq!(table.live_registrations(), 0);
-    assert_eq!(netio.calls()[2], 1, "the registration was cancelled");
+    assert_eq!(f.netio.live_registrations(), 0);
+    assert_eq!(f.table.live_registrations(), 0);
+    assert_eq!(f.netio.calls()[2], 1, "the registration was cancelled");
 }
 
 #[test]
 fn step_2_failure_with_a_failing_cancel_tears_the_table_down() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
-    netio.fail_next(
+    f.netio.fail_next(
         NetioCall::CancelMibChangeNotify2,
         sys::STATUS_INVALID_PARAMETER,
     );
 
-    let (status, lines) =
-        captured(|| driver::driver_entry(&table, &slot, DriverConfig { max_subscribers: 1 }));
+    let (status, lines) = captured(|| f.entry(&slot, DriverConfig { max_subscribers: 1 }));
 
     assert_eq!(
         status,
@@ -200,13 +224,13 @@ fn step_2_failure_with_a_failing_cancel_tears_the_table_down() {
     position(&lines, "rollback: cancel failed");
     position(&lines, "rollback: teardown cancelled 1, failed 0");
     assert_eq!(
-        netio.live_registrations(),
+        f.netio.live_registrations(),
         0,
         "the teardown's cancel removed it"
     );
-    assert!(table.is_closed());
+    assert!(f.table.is_closed());
     assert_eq!(
-        netio.calls()[2],
+        f.netio.calls()[2],
         2,
         "the failed cancel, then the teardown's"
     );
@@ -214,15 +238,12 @@ fn step_2_failure_with_a_failing_cancel_tears_the_table_down() {
 
 #[test]
 fn step_3_failure_when_a_state_is_loaded_rolls_back_only_its_own_registration() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
 
     let ((first, second), lines) = captured(|| {
-        let first = driver::driver_entry(&table, &slot, DriverConfig::default());
-        let second = driver::driver_entry(&table, &slot, DriverConfig::default());
+        let first = f.entry(&slot, DriverConfig::default());
+        let second = f.entry(&slot, DriverConfig::default());
         (first, second)
     });
 
@@ -230,36 +251,30 @@ fn step_3_failure_when_a_state_is_loaded_rolls_back_only_its_own_registration() 
     assert_eq!(second, NtStatus::OBJECT_NAME_COLLISION);
     position(&lines, "step 3/3 (store the driver state) failed");
     assert_eq!(
-        netio.live_registrations(),
+        f.netio.live_registrations(),
         1,
         "the loaded state keeps its registration"
     );
     assert!(slot.is_occupied());
 
-    let (report, _) = captured(|| driver::driver_unload(&table, &slot));
+    let (report, _) = captured(|| f.unload(&slot));
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(netio.live_registrations(), 0);
-    assert_eq!(netio.calls()[2], 2, "each registration cancelled once");
+    assert_eq!(f.netio.live_registrations(), 0);
+    assert_eq!(f.netio.calls()[2], 2, "each registration cancelled once");
 }
 
 #[test]
 fn unload_waits_for_a_callback_in_flight_and_nothing_runs_afterwards() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
 
     let (report, lines) = captured(|| {
-        assert_eq!(
-            driver::driver_entry(&table, &slot, DriverConfig::default()),
-            NtStatus::SUCCESS
-        );
-        netio.wait_idle();
-        netio.set_callback_irql(Irql::DISPATCH_LEVEL);
+        assert_eq!(f.entry(&slot, DriverConfig::default()), NtStatus::SUCCESS);
+        f.netio.wait_idle();
+        f.netio.set_callback_irql(Irql::DISPATCH_LEVEL);
         host::hold_next_callback();
-        let port = netio.client().start();
-        netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
+        let port = f.netio.client().start();
+        f.netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
         host::wait_until_held();
         let releaser = std::thread::spawn(|| {
             host::wait_for_lines_by_holder(1);
@@ -270,17 +285,17 @@ fn unload_waits_for_a_callback_in_flight_and_nothing_runs_afterwards() {
             );
             host::release_held_callback();
         });
-        let report = driver::driver_unload(&table, &slot);
+        let report = f.unload(&slot);
         host::mark_unloaded();
         releaser.join().expect("releaser");
-        netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
-        netio.wait_idle();
+        f.netio.notify_raw(port, sys::MIB_PARAMETER_NOTIFICATION);
+        f.netio.wait_idle();
         report
     });
 
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(
-        netio.dropped_after_cancel(),
+        f.netio.dropped_after_cancel(),
         1,
         "the queued notification was discarded"
     );
@@ -292,23 +307,19 @@ fn unload_waits_for_a_callback_in_flight_and_nothing_runs_afterwards() {
         unloading < finished && finished < cancelled,
         "the cancel returned only after the callback in flight finished: {lines:#?}"
     );
-    host::reset();
 }
 
 #[test]
 fn unload_without_a_state_still_tears_the_table_down() {
-    let _serial = host::exclusive();
-    host::reset();
-    let netio = MockNetio::new();
-    let table = HandleTable::new(netio.clone());
+    let f = Fixture::new();
     let slot = Slot::new();
 
-    let (report, lines) = captured(|| driver::driver_unload(&table, &slot));
+    let (report, lines) = captured(|| f.unload(&slot));
 
     assert!(!report.had_state);
     assert!(report.unregister.is_none());
     assert!(report.is_clean());
-    assert!(table.is_closed());
+    assert!(f.table.is_closed());
     position(&lines, "no driver state");
 }
 
