@@ -42,7 +42,7 @@
 //! | `ObfReferenceObject`/`ObReferenceObject`, `ObfDereferenceObject`/`ObDereferenceObject` | `<= DISPATCH_LEVEL`; the driver object's count never below the I/O manager's | `0x0A`, `REFERENCE_BY_POINTER` (`0x18`) |
 //! | `RtlInitUnicodeString`, `RtlInitAnsiString`, `RtlCopyUnicodeString` | `<= DISPATCH_LEVEL` | `0x0A` |
 //! | `memcpy`, `memmove`, `memset`, `memcmp`, `strlen` | any | - |
-//! | `DbgPrint` | any | - |
+//! | `DbgPrint`, `DbgPrintEx`, `vDbgPrintEx` | any; Unicode conversions only at `PASSIVE_LEVEL` | reported ([`dbgprint_problems`]) |
 //! | `KeBugCheckEx` | any | the stop itself |
 //! | netio.sys `NotifyTeredoPortChange`, `GetTeredoPort` / `CancelMibChangeNotify2` | `<= APC_LEVEL` / `PASSIVE_LEVEL` | `0x0A` |
 //!
@@ -73,7 +73,7 @@ pub mod wait;
 pub mod workitem;
 
 pub use bugcheck::{Bugcheck, bugcheck, stopped};
-pub use dbgprint::run_in_next_callback;
+pub use dbgprint::{ArgSource, Formatted, dbgprint_problems, format, run_in_next_callback};
 pub use irql::{current_irql, set_irql, thread_id};
 pub use netio::{
     Delivery, NetioCall, NetioStats, client, deliver, fail_next, live_contexts, netio_stats,
@@ -86,7 +86,7 @@ pub use workitem::{WORKER_INVALID, WorkItemStats, work_item_stats, work_items_ou
 
 use bugcheck::ke_bug_check_ex;
 use crt::{memcmp, memcpy, memmove, memset, strlen};
-use dbgprint::{IN_CALLBACK_HOOK, dbg_print};
+use dbgprint::{IN_CALLBACK_HOOK, dbg_print, dbg_print_ex, v_dbg_print_ex};
 use irql::{
     ke_acquire_spin_lock_at_dpc_level, ke_acquire_spin_lock_raise_to_dpc, ke_get_current_irql,
     ke_initialize_spin_lock, ke_lower_irql, ke_raise_irql_to_dpc_level, ke_release_spin_lock,
@@ -220,6 +220,7 @@ pub fn reset(image: (usize, usize), echo: bool) {
     *IN_CALLBACK_HOOK
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = None;
+    dbgprint::clear_problems();
     let mut guard = STATE.lock().unwrap_or_else(PoisonError::into_inner);
     *guard = Some(State {
         echo,
@@ -259,6 +260,8 @@ pub fn resolve(module: &str, name: &str) -> Option<usize> {
         }
         ("ntoskrnl.exe", "KeBugCheckEx") => ke_bug_check_ex as *const () as usize,
         ("ntoskrnl.exe", "DbgPrint") => dbg_print as *const () as usize,
+        ("ntoskrnl.exe", "DbgPrintEx") => dbg_print_ex as *const () as usize,
+        ("ntoskrnl.exe", "vDbgPrintEx") => v_dbg_print_ex as *const () as usize,
         ("ntoskrnl.exe", "ExAllocatePool2") => ex_allocate_pool2 as *const () as usize,
         ("ntoskrnl.exe", "ExFreePoolWithTag") => ex_free_pool_with_tag as *const () as usize,
         ("ntoskrnl.exe", "memcpy") => memcpy as *const () as usize,
