@@ -95,9 +95,9 @@ struct NaiveRegistry {
 unsafe extern "system" fn naive_callback(context: *mut c_void, port: u16, notification_type: i32) {
     // SAFETY: by this function's contract.
     let naive = unsafe { &*context.cast::<NaiveLocked<NaiveRegistry>>() };
-    let event = TeredoEvent::from_raw(port, notification_type);
     naive.with(|registry| {
-        registry.port = event.apply(registry.port);
+        let event = TeredoEvent::from_raw(port, notification_type, registry.port);
+        registry.port = event.port();
         for subscriber in &mut registry.subscribers {
             subscriber(event);
         }

@@ -84,11 +84,33 @@ impl MibNotificationType {
 }
 
 /// What a subscriber is told.
+///
+/// Every event says what the Teredo port is *after* it, as far as the watcher knows:
+/// [`port`](TeredoEvent::port) is that port, `None` when no client is known to run. So a
+/// subscriber can keep a firewall exception equal to `event.port()` on every event (open
+/// the new port, close any other), whatever the event's kind:
+///
+/// ```
+/// use teredo_watcher::{TeredoEvent, TeredoPort};
+///
+/// // What the firewall allows: exactly `event.port()`, after every event.
+/// fn allowed_after(event: TeredoEvent) -> Option<TeredoPort> {
+///     event.port()
+/// }
+/// let added = TeredoEvent::Added { port: TeredoPort::new(50_000) };
+/// assert_eq!(allowed_after(added), TeredoPort::new(50_000));
+/// let deleted = TeredoEvent::Deleted { previous: TeredoPort::new(50_000) };
+/// assert_eq!(allowed_after(deleted), None, "a deletion closes the port, never reopens it");
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TeredoEvent {
-    /// The OS confirmed the registration (`MibInitialNotification`). Carries no port: the
-    /// C API passes zero here, which is not a port.
-    Initial,
+    /// The OS confirmed the registration (`MibInitialNotification`). The OS passes no port
+    /// here (zero); `port` is the port the watcher already knew (from `GetTeredoPort`, or a
+    /// notification that came first), usually `None`.
+    Initial {
+        /// The last known port, unchanged by this event.
+        port: Option<TeredoPort>,
+    },
     /// `MibParameterNotification`: the Teredo port is now `port` (`None` if the OS passed 0).
     PortChanged {
         /// The new port.
@@ -99,20 +121,25 @@ pub enum TeredoEvent {
         /// The port.
         port: Option<TeredoPort>,
     },
-    /// `MibDeleteInstance`: the Teredo client went away; `port` is what the OS passed.
+    /// `MibDeleteInstance`: the Teredo client went away. [`port`](TeredoEvent::port) is
+    /// `None`: there is no port any more.
     Deleted {
-        /// The port the OS passed with the deletion.
-        port: Option<TeredoPort>,
+        /// The port the OS passed with the deletion: the one that just went away.
+        previous: Option<TeredoPort>,
     },
-    /// A notification type this crate does not know, kept raw.
+    /// A notification type this crate does not know, kept raw. It does not change the port.
     Unknown {
         /// The raw `MIB_NOTIFICATION_TYPE` value.
         raw_type: i32,
-        /// The port the OS passed.
+        /// The raw port argument the OS passed.
+        raw_port: u16,
+        /// The last known port, unchanged by this event.
         port: Option<TeredoPort>,
     },
-    /// The current state, delivered to a subscriber that asked for it when subscribing
-    /// (and, if notifications raced that subscription, once more with the newer state).
+    /// The current state, delivered when the watcher learned it other than from a
+    /// notification of its own: to a subscriber that asked for it when subscribing, after
+    /// `GetTeredoPort` found a port at creation (the seed), and after notifications that
+    /// the OS overlapped were coalesced into their newest state.
     Snapshot {
         /// The last known port.
         port: Option<TeredoPort>,
@@ -120,43 +147,46 @@ pub enum TeredoEvent {
 }
 
 impl TeredoEvent {
-    /// The event for a raw notification from the OS.
+    /// The event for a raw notification from the OS, when the last known port was
+    /// `previous`.
     #[must_use]
-    pub const fn from_raw(port: u16, raw_type: i32) -> TeredoEvent {
+    pub const fn from_raw(port: u16, raw_type: i32, previous: Option<TeredoPort>) -> TeredoEvent {
+        let raw_port = port;
         let port = TeredoPort::new(port);
         match MibNotificationType::from_raw(raw_type) {
-            MibNotificationType::Initial => TeredoEvent::Initial,
+            MibNotificationType::Initial => TeredoEvent::Initial { port: previous },
             MibNotificationType::Parameter => TeredoEvent::PortChanged { port },
             MibNotificationType::AddInstance => TeredoEvent::Added { port },
-            MibNotificationType::DeleteInstance => TeredoEvent::Deleted { port },
-            MibNotificationType::Unknown(raw_type) => TeredoEvent::Unknown { raw_type, port },
+            MibNotificationType::DeleteInstance => TeredoEvent::Deleted { previous: port },
+            MibNotificationType::Unknown(raw_type) => TeredoEvent::Unknown {
+                raw_type,
+                raw_port,
+                port: previous,
+            },
         }
     }
 
-    /// The port the event carries, if any.
+    /// The Teredo port after this event, as far as the watcher knows; `None` when no client
+    /// is known to run (always `None` after [`Deleted`](TeredoEvent::Deleted)).
     #[must_use]
     pub const fn port(&self) -> Option<TeredoPort> {
         match *self {
-            TeredoEvent::Initial => None,
-            TeredoEvent::PortChanged { port }
+            TeredoEvent::Deleted { .. } => None,
+            TeredoEvent::Initial { port }
+            | TeredoEvent::PortChanged { port }
             | TeredoEvent::Added { port }
-            | TeredoEvent::Deleted { port }
             | TeredoEvent::Unknown { port, .. }
             | TeredoEvent::Snapshot { port } => port,
         }
     }
 
-    /// What the last known port becomes after this event, given what it was.
-    ///
-    /// `Initial` and unknown types leave it unchanged; a deletion clears it.
+    /// Whether this event sets the port (a change, an addition, a deletion, a snapshot),
+    /// rather than leaving it as it was (the initial notification, an unknown type).
     #[must_use]
-    pub const fn apply(&self, previous: Option<TeredoPort>) -> Option<TeredoPort> {
-        match *self {
-            TeredoEvent::Initial | TeredoEvent::Unknown { .. } => previous,
-            TeredoEvent::Deleted { .. } => None,
-            TeredoEvent::PortChanged { port }
-            | TeredoEvent::Added { port }
-            | TeredoEvent::Snapshot { port } => port,
-        }
+    pub const fn sets_port(&self) -> bool {
+        !matches!(
+            self,
+            TeredoEvent::Initial { .. } | TeredoEvent::Unknown { .. }
+        )
     }
 }

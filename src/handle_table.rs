@@ -17,6 +17,20 @@
 //! *orphaned*; the teardown frees an orphaned context once its cancel has succeeded, so
 //! nothing is left allocated at unload.
 
+//! # Waiting
+//!
+//! Threads that must wait for a registration or a cancel in progress on another thread
+//! (teardown, a watcher whose entry the teardown is cancelling) sleep on the table's
+//! notification event. A waiter clears it under the lock after finding the entry still in
+//! progress; whoever moves an entry out of `Reserved` or `Cancelling` sets it under the lock.
+//! So a set always follows the last clear of a waiter still waiting. The event lives in a
+//! pool block allocated with the entries' buffer (its address never changes while a waiter
+//! may use it, even if the table itself is moved when empty) and is freed with it.
+//!
+//! A thread never waits for an entry whose callback it is running: that wait could only end
+//! after the callback returns (the registration finishes, or the cancel completes, only
+//! then). Such an entry is counted as skipped instead.
+
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
@@ -24,9 +38,10 @@ use core::ptr::NonNull;
 use crate::error::Error;
 use crate::event::TeredoPort;
 use crate::irql::{self, IrqlBound};
-use crate::kernel::{Kernel, SpinLock, SpinLockGuard};
+use crate::kernel::{Event, Kernel, SpinLock, SpinLockGuard};
 use crate::registry::{Registry, trampoline};
 use crate::source::{PortSource, RawHandle};
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// The most registrations one table holds.
 pub const MAX_REGISTRATIONS: usize = 64;
@@ -40,29 +55,67 @@ enum EntryState {
     Cancelled,
 }
 
-/// The registry a registration delivers to, for the self-cancel check in teardown.
+impl EntryState {
+    /// Whether the OS holds (or may soon hold, or is being asked to drop) the registration.
+    fn in_use(self) -> bool {
+        !matches!(self, EntryState::Free | EntryState::Cancelled)
+    }
+
+    fn in_progress(self) -> bool {
+        matches!(self, EntryState::Reserved | EntryState::Cancelling)
+    }
+}
+
+/// The registry a registration delivers to.
 struct RegistryPtr<K: Kernel>(NonNull<Registry<K>>);
 
 // SAFETY: `Registry<K>` is `Sync`; the pointer is only dereferenced (shared) under the table
-// lock while its entry is `Live` or `Reserved`, during which the watcher keeps it alive.
+// lock while its entry is not `Free`, during which the registry is alive (see `is_orphaned`).
 unsafe impl<K: Kernel> Send for RegistryPtr<K> {}
 
+/// # Invariants
+///
+/// `registry` is `Some` whenever `state` is not `Free`, and points to the registry handed to
+/// `register`, which stays alive until the entry is `Free`.
 struct Entry<K: Kernel> {
     state: EntryState,
-    tag: u32,
+    tag: u64,
     registry: Option<RegistryPtr<K>>,
+}
+
+impl<K: Kernel> Entry<K> {
+    /// Whether the calling thread is running a callback of this entry's registry. Call under
+    /// the table lock.
+    fn in_callback_on_current_thread(&self) -> bool {
+        self.registry.as_ref().is_some_and(|r| {
+            // SAFETY: the registry is alive while the entry is not `Free` (type invariant),
+            // and `Free` entries have no registry.
+            unsafe { r.0.as_ref() }.delivering_on_current_thread()
+        })
+    }
 }
 
 struct Inner<K: Kernel> {
     entries: Vec<Entry<K>>,
+    /// Allocated with the entries' buffer, freed with it (module docs, "Waiting").
+    waker: Option<Box<Event<K>>>,
     closed: bool,
+}
+
+impl<K: Kernel> Inner<K> {
+    /// Wakes every waiter: an entry left `Reserved` or `Cancelling`. Under the lock.
+    fn wake(&self) {
+        if let Some(waker) = &self.waker {
+            waker.set();
+        }
+    }
 }
 
 /// Identifies one entry of a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct EntryId {
     index: usize,
-    tag: u32,
+    tag: u64,
 }
 
 /// What [`HandleTable::teardown`] did.
@@ -71,16 +124,19 @@ pub(crate) struct EntryId {
 pub struct TeardownReport {
     /// Registrations cancelled by this teardown.
     pub cancelled: usize,
-    /// Cancels that failed (their handles stay in the table, `Live`).
+    /// Registrations netio still holds because their cancel failed (their handles stay in
+    /// the table, `Live`, for another teardown).
     pub failed: usize,
-    /// Registrations skipped because the teardown ran inside their own callback.
+    /// Registrations left alone because the teardown ran inside their own callback (a cancel
+    /// there would deadlock), or still being set up or cancelled by a thread that waits for
+    /// that callback.
     pub skipped_in_callback: usize,
     /// The first failure, with its raw status.
     pub first_error: Option<Error>,
 }
 
 impl TeardownReport {
-    /// Whether every registration was cancelled.
+    /// Whether every registration was cancelled: netio holds no callback of this table.
     #[must_use]
     pub fn is_clean(&self) -> bool {
         self.failed == 0 && self.skipped_in_callback == 0
@@ -92,10 +148,14 @@ impl TeardownReport {
 /// # IRQL
 ///
 /// See each method. The table's spin lock is only held for bookkeeping, never across a
-/// netio call.
+/// netio call or a wait.
 pub struct HandleTable<S: PortSource> {
     source: S,
     inner: SpinLock<S::Kernel, Inner<S::Kernel>>,
+    /// Entries in use (mirrors `inner`, written under the lock): read lock-free.
+    in_use: AtomicUsize,
+    /// Mirrors `inner.closed`: read lock-free.
+    closed: AtomicBool,
 }
 
 impl<S: PortSource> HandleTable<S> {
@@ -107,12 +167,15 @@ impl<S: PortSource> HandleTable<S> {
             source,
             inner: SpinLock::new(Inner {
                 entries: Vec::new(),
+                waker: None,
                 closed: false,
             }),
+            in_use: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// An empty table over `source`.
+    /// An empty table over `source` (loom's primitives cannot be built in a `const`).
     #[cfg(teredo_watcher_loom)]
     #[must_use]
     pub fn new(source: S) -> Self {
@@ -120,8 +183,11 @@ impl<S: PortSource> HandleTable<S> {
             source,
             inner: SpinLock::new(Inner {
                 entries: Vec::new(),
+                waker: None,
                 closed: false,
             }),
+            in_use: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -145,33 +211,41 @@ impl<S: PortSource> HandleTable<S> {
         Ok(TeredoPort::new(self.source.teredo_port()?))
     }
 
-    /// How many registrations are live or being set up or cancelled.
+    /// How many registrations are live or being set up or cancelled. Lock-free.
     ///
     /// # IRQL
     ///
-    /// `<= DISPATCH_LEVEL`.
+    /// Any.
     pub fn live_registrations(&self) -> usize {
-        self.inner
-            .lock()
-            .entries
-            .iter()
-            .filter(|e| !matches!(e.state, EntryState::Free | EntryState::Cancelled))
-            .count()
+        self.in_use.load(Ordering::SeqCst)
     }
 
-    /// Whether [`teardown`](Self::teardown) has run.
+    /// Whether [`teardown`](Self::teardown) has run. Lock-free.
     ///
     /// # IRQL
     ///
-    /// `<= DISPATCH_LEVEL`.
+    /// Any.
     pub fn is_closed(&self) -> bool {
-        self.inner.lock().closed
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn lock(
+        &self,
+        operation: &'static str,
+    ) -> Result<SpinLockGuard<'_, S::Kernel, Inner<S::Kernel>>, Error> {
+        self.inner.lock(operation)
     }
 
     /// Closes the table to new registrations and cancels every live one with
     /// `CancelMibChangeNotify2`, waiting for registrations and cancels in progress on other
-    /// threads to finish, so that when it returns no callback of this table can run.
-    /// Call it from `DriverUnload`, after dropping the watchers you still hold.
+    /// threads to finish, so that when it returns with a clean report no callback of this
+    /// table can run. Call it from `DriverUnload`, after dropping the watchers you still hold.
+    ///
+    /// A registration whose watcher's own cancel failed while the teardown ran is cancelled
+    /// by the teardown too (or counted as failed): a clean report means netio holds nothing.
+    /// Called from inside a callback of one of its registrations, it cancels the others and
+    /// counts that one (and any whose setup or cancel waits for that callback) as skipped;
+    /// it never waits for the callback it runs in.
     ///
     /// Watchers still alive afterwards stay valid: their callbacks no longer run,
     /// [`current_port`](crate::TeredoPortWatcher::current_port) keeps the last port, and
@@ -185,86 +259,161 @@ impl<S: PortSource> HandleTable<S> {
     ///
     /// [`Error::IrqlTooHigh`] (nothing done). Cancel failures are in the report.
     pub fn teardown(&self) -> Result<TeardownReport, Error> {
-        irql::check::<S::Kernel>("HandleTable::teardown", IrqlBound::Passive)?;
+        const OP: &str = "HandleTable::teardown";
+        irql::check::<S::Kernel>(OP, IrqlBound::Passive)?;
         let mut report = TeardownReport::default();
-        self.inner.lock().closed = true;
-        // Registrations in progress finish (their `notify` returns) before we look.
-        self.wait_while_in_progress();
-        let mut index = 0;
+        {
+            let mut inner = self.lock(OP)?;
+            inner.closed = true;
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        // Each entry is tried at most once per teardown (`MAX_REGISTRATIONS <= 64`).
+        let mut attempted = 0u64;
         loop {
-            let handle = {
-                let mut inner = self.inner.lock();
-                let Some(entry) = inner.entries.get_mut(index) else {
-                    break;
+            // Registrations and cancels in progress finish before we look.
+            self.wait_while_in_progress(OP)?;
+            let mut tried_one = false;
+            let mut index = 0;
+            loop {
+                let handle = {
+                    let mut inner = self.lock(OP)?;
+                    let Some(entry) = inner.entries.get_mut(index) else {
+                        break;
+                    };
+                    index += 1;
+                    let bit = 1u64 << (index - 1);
+                    if entry.state == EntryState::Cancelled && is_orphaned(entry) {
+                        // Cancelled by an earlier pass or teardown, then given up by its watcher.
+                        let orphan = self.free_entry(entry);
+                        drop(inner);
+                        free_orphan(orphan);
+                        continue;
+                    }
+                    let EntryState::Live(handle) = entry.state else {
+                        continue;
+                    };
+                    if attempted & bit != 0 {
+                        continue;
+                    }
+                    attempted |= bit;
+                    if entry.in_callback_on_current_thread() {
+                        report.skipped_in_callback += 1;
+                        report.first_error.get_or_insert(Error::CancelFromCallback);
+                        continue;
+                    }
+                    entry.state = EntryState::Cancelling;
+                    handle
                 };
-                index += 1;
-                if entry.state == EntryState::Cancelled && is_orphaned(entry) {
-                    // Cancelled by an earlier teardown, then given up by its watcher.
-                    let orphan = free_entry(entry);
-                    drop(inner);
-                    free_orphan(orphan);
-                    continue;
-                }
-                let EntryState::Live(handle) = entry.state else {
-                    continue;
-                };
-                let in_callback = entry.registry.as_ref().is_some_and(|r| {
-                    // SAFETY: the entry is Live, so its watcher has not freed the registry
-                    // (it frees only after moving the entry out of Live under this lock).
-                    unsafe { r.0.as_ref() }.delivering_on_current_thread()
-                });
-                if in_callback {
-                    report.skipped_in_callback += 1;
-                    report.first_error.get_or_insert(Error::CancelFromCallback);
-                    continue;
-                }
-                entry.state = EntryState::Cancelling;
-                handle
-            };
-            // SAFETY: we moved the entry from Live to Cancelling under the lock, so nobody
-            // else cancels this handle; it came from `notify` on this source; we are not in
-            // its callback (checked above).
-            let result = unsafe { self.source.cancel(handle) };
-            let mut inner = self.inner.lock();
-            let entry = &mut inner.entries[index - 1];
-            match result {
-                Ok(()) if is_orphaned(entry) => {
-                    report.cancelled += 1;
-                    let orphan = free_entry(entry);
-                    drop(inner);
-                    free_orphan(orphan);
-                }
-                Ok(()) => {
-                    entry.state = EntryState::Cancelled;
-                    report.cancelled += 1;
-                }
-                Err(e) => {
-                    entry.state = EntryState::Live(handle);
-                    report.failed += 1;
-                    report.first_error.get_or_insert(e);
+                tried_one = true;
+                // SAFETY: we moved the entry from Live to Cancelling under the lock, so nobody
+                // else cancels this handle; it came from `notify` on this source; we are not
+                // in its callback (checked above).
+                let result = unsafe { self.source.cancel(handle) };
+                let mut inner = self.lock(OP)?;
+                let entry = &mut inner.entries[index - 1];
+                match result {
+                    Ok(()) if is_orphaned(entry) => {
+                        report.cancelled += 1;
+                        let orphan = self.free_entry(entry);
+                        inner.wake();
+                        drop(inner);
+                        free_orphan(orphan);
+                    }
+                    Ok(()) => {
+                        entry.state = EntryState::Cancelled;
+                        self.in_use.fetch_sub(1, Ordering::SeqCst);
+                        report.cancelled += 1;
+                        inner.wake();
+                    }
+                    Err(e) => {
+                        entry.state = EntryState::Live(handle);
+                        report.failed += 1;
+                        report.first_error.get_or_insert(e);
+                        inner.wake();
+                    }
                 }
             }
+            // A watcher may have started its own cancel while this pass ran (the entry was
+            // `Cancelling` when the pass looked): wait for it and look again, since a failed
+            // cancel puts it back to `Live`, for this teardown to try.
+            if !tried_one && self.count_in_progress(OP, false)? == 0 {
+                break;
+            }
         }
-        // A watcher may have started its own cancel meanwhile: when teardown returns, no
-        // cancel is in flight, so no callback can still be running.
-        self.wait_while_in_progress();
-        // The guard is a temporary of this statement: the buffer is freed after it.
-        let unused = take_buffer_if_unused(&mut self.inner.lock());
+        // Entries still in progress here wait for a callback this thread runs.
+        report.skipped_in_callback += self.count_in_progress(OP, true)?;
+        let unused = take_buffer_if_unused(&mut *self.lock(OP)?);
         drop(unused);
         Ok(report)
     }
 
-    /// Waits (at `PASSIVE_LEVEL`) until no registration or cancel is in progress.
-    fn wait_while_in_progress(&self) {
-        while self
-            .inner
-            .lock()
+    /// Waits (at `PASSIVE_LEVEL`) until no registration or cancel is in progress, except
+    /// those that wait for a callback the calling thread is running.
+    fn wait_while_in_progress(&self, operation: &'static str) -> Result<(), Error> {
+        loop {
+            let inner = self.lock(operation)?;
+            let waits = inner
+                .entries
+                .iter()
+                .any(|e| e.state.in_progress() && !e.in_callback_on_current_thread());
+            if !waits {
+                return Ok(());
+            }
+            let Some(waker) = inner.waker.as_deref() else {
+                // No event means no buffer, hence no entry: not reached.
+                return Ok(());
+            };
+            waker.clear();
+            let waker: *const Event<S::Kernel> = waker;
+            drop(inner);
+            // SAFETY: the event is freed only with the entries' buffer, when every entry is
+            // `Free`; an entry in progress stays so until its owner (another thread) moves it
+            // under the lock and sets the event, so it is alive at least until then, and the
+            // buffer is not freed before this thread's next look under the lock.
+            unsafe { &*waker }.wait();
+        }
+    }
+
+    /// How many entries are in progress whose callback the calling thread runs
+    /// (`in_callback`), or does not run.
+    fn count_in_progress(
+        &self,
+        operation: &'static str,
+        in_callback: bool,
+    ) -> Result<usize, Error> {
+        let inner = self.lock(operation)?;
+        Ok(inner
             .entries
             .iter()
-            .any(|e| matches!(e.state, EntryState::Reserved | EntryState::Cancelling))
-        {
-            <S::Kernel as Kernel>::relax();
+            .filter(|e| e.state.in_progress() && e.in_callback_on_current_thread() == in_callback)
+            .count())
+    }
+
+    /// Frees `entry` (under the table lock); returns its registry if the watcher had given it
+    /// up. Wakes no one: the caller does, if the entry was in progress.
+    fn free_entry(&self, entry: &mut Entry<S::Kernel>) -> Option<RegistryPtr<S::Kernel>> {
+        let orphaned = is_orphaned(entry);
+        if entry.state.in_use() {
+            self.in_use.fetch_sub(1, Ordering::SeqCst);
         }
+        entry.state = EntryState::Free;
+        // A tag that reaches `u64::MAX` retires the entry (`reserve` skips it): no `EntryId`
+        // is ever issued twice.
+        entry.tag = entry.tag.saturating_add(1);
+        let registry = entry.registry.take();
+        if orphaned { registry } else { None }
+    }
+
+    /// Frees the entry at `index`, whose watcher still owns its registry (so there is no
+    /// orphan to free), wakes waiters, then releases the lock and frees the table's buffer if
+    /// that was its last entry in use.
+    fn free_owned(&self, mut inner: SpinLockGuard<'_, S::Kernel, Inner<S::Kernel>>, index: usize) {
+        let _owned_by_the_watcher = self.free_entry(&mut inner.entries[index]);
+        inner.wake();
+        let unused = take_buffer_if_unused(&mut inner);
+        drop(inner);
+        // The buffer and the event, if unused, are freed here, outside the lock.
+        drop(unused);
     }
 
     /// Registers `registry` with the OS, recording the handle.
@@ -281,6 +430,7 @@ impl<S: PortSource> HandleTable<S> {
         registry: NonNull<Registry<S::Kernel>>,
         initial_notification: bool,
     ) -> Result<EntryId, (Error, bool)> {
+        const OP: &str = "TeredoPortWatcher::new";
         let id = self.reserve(registry).map_err(|e| (e, false))?;
         // SAFETY: `trampoline::<K>` reads `context` as a `Registry<K>`, which the caller keeps
         // valid until a cancel of this registration succeeds (this function's contract).
@@ -291,88 +441,114 @@ impl<S: PortSource> HandleTable<S> {
                 initial_notification,
             )
         };
-        let mut inner = self.inner.lock();
-        let entry = &mut inner.entries[id.index];
+        // The caller is below DISPATCH_LEVEL, so the lock cannot be refused; if it were, the
+        // entry would stay `Reserved` and the registry be leaked, never freed while in use.
+        let mut inner = self.lock(OP).map_err(|e| (e, true))?;
         match result {
             Ok(handle) => {
-                entry.state = EntryState::Live(handle);
+                inner.entries[id.index].state = EntryState::Live(handle);
+                inner.wake();
                 Ok(id)
             }
             Err(e) => {
-                free_owned(inner, id.index);
+                // A success status with no handle: the OS may have registered the callback,
+                // and there is no handle to cancel it with; the caller leaks the registry.
                 let maybe_live = e.status().is_some_and(|s| s.0 == 0);
+                self.free_owned(inner, id.index);
                 Err((e, maybe_live))
             }
         }
     }
 
     fn reserve(&self, registry: NonNull<Registry<S::Kernel>>) -> Result<EntryId, Error> {
+        const OP: &str = "TeredoPortWatcher::new";
         loop {
-            let capacity = {
-                let mut inner = self.inner.lock();
+            let (capacity, has_waker) = {
+                let mut inner = self.lock(OP)?;
                 if inner.closed {
                     return Err(Error::HandleTableClosed);
                 }
-                if let Some(index) = inner
-                    .entries
-                    .iter()
-                    .position(|e| e.state == EntryState::Free)
-                {
-                    let entry = &mut inner.entries[index];
-                    entry.state = EntryState::Reserved;
-                    entry.registry = Some(RegistryPtr(registry));
-                    return Ok(EntryId {
-                        index,
-                        tag: entry.tag,
-                    });
+                if inner.waker.is_some() {
+                    if let Some(index) = inner
+                        .entries
+                        .iter()
+                        .position(|e| e.state == EntryState::Free && e.tag != u64::MAX)
+                    {
+                        let entry = &mut inner.entries[index];
+                        entry.state = EntryState::Reserved;
+                        entry.registry = Some(RegistryPtr(registry));
+                        let tag = entry.tag;
+                        self.in_use.fetch_add(1, Ordering::SeqCst);
+                        return Ok(EntryId { index, tag });
+                    }
+                    if inner.entries.len() < inner.entries.capacity() {
+                        inner.entries.push(Entry {
+                            state: EntryState::Reserved,
+                            tag: 0,
+                            registry: Some(RegistryPtr(registry)),
+                        });
+                        self.in_use.fetch_add(1, Ordering::SeqCst);
+                        return Ok(EntryId {
+                            index: inner.entries.len() - 1,
+                            tag: 0,
+                        });
+                    }
                 }
-                if inner.entries.len() < inner.entries.capacity() {
-                    inner.entries.push(Entry {
-                        state: EntryState::Reserved,
-                        tag: 0,
-                        registry: Some(RegistryPtr(registry)),
-                    });
-                    return Ok(EntryId {
-                        index: inner.entries.len() - 1,
-                        tag: 0,
-                    });
-                }
-                inner.entries.capacity()
+                (inner.entries.capacity(), inner.waker.is_some())
             };
-            if capacity >= MAX_REGISTRATIONS {
+            if has_waker && capacity >= MAX_REGISTRATIONS {
                 return Err(Error::HandleTableFull {
                     capacity: MAX_REGISTRATIONS,
                 });
             }
-            // Grow outside the lock (an allocation must not run at DISPATCH_LEVEL under a
-            // spin lock), fallibly, then swap the buffers in if nobody grew it meanwhile.
-            let wanted = (capacity * 2).clamp(4, MAX_REGISTRATIONS);
+            // Allocate outside the lock (an allocation must not run at DISPATCH_LEVEL under a
+            // spin lock), fallibly, then swap in if nobody did it meanwhile.
+            let waker = if has_waker {
+                None
+            } else {
+                Some(Event::<S::Kernel>::new_boxed()?)
+            };
+            let wanted = if has_waker {
+                (capacity * 2).clamp(4, MAX_REGISTRATIONS)
+            } else {
+                capacity.max(4)
+            };
             let mut bigger = Vec::new();
             bigger
                 .try_reserve_exact(wanted)
                 .map_err(|_| Error::AllocationFailed {
                     bytes: wanted * core::mem::size_of::<Entry<S::Kernel>>(),
                 })?;
-            let mut inner = self.inner.lock();
-            if inner.entries.capacity() == capacity {
+            let mut inner = self.lock(OP)?;
+            let mut unused_waker = waker;
+            if inner.waker.is_none() {
+                inner.waker = unused_waker.take();
+            }
+            if inner.entries.capacity() == capacity && wanted > capacity {
                 // Fits without reallocating: `wanted > capacity >= len`.
                 bigger.append(&mut inner.entries);
                 core::mem::swap(&mut inner.entries, &mut bigger);
             }
             drop(inner);
-            // The old (or unused) buffer is freed here, outside the lock.
+            // The old (or unused) buffer and event are freed here, outside the lock.
             drop(bigger);
+            drop(unused_waker);
         }
     }
 
     /// Cancels the registration of `id` unless the teardown already did, waiting for a
     /// teardown cancel in progress. `Ok` means the OS no longer uses the registry.
     ///
+    /// On failure the registration stays `Live` and its registry is given up to the table
+    /// in the same critical section (silenced and orphaned): the teardown cancels it and
+    /// then frees it.
+    ///
     /// IRQL: `PASSIVE_LEVEL` (checked by the caller), not inside the registration's callback.
     pub(crate) fn release(&self, id: EntryId) -> Result<(), Error> {
+        const OP: &str = "TeredoPortWatcher::unregister";
         loop {
             let handle = {
-                let mut inner = self.inner.lock();
+                let mut inner = self.lock(OP)?;
                 let entry = &mut inner.entries[id.index];
                 debug_assert_eq!(entry.tag, id.tag);
                 match entry.state {
@@ -381,12 +557,19 @@ impl<S: PortSource> HandleTable<S> {
                         handle
                     }
                     EntryState::Cancelled => {
-                        free_owned(inner, id.index);
+                        self.free_owned(inner, id.index);
                         return Ok(());
                     }
                     EntryState::Cancelling => {
-                        drop(inner);
-                        <S::Kernel as Kernel>::relax();
+                        // The teardown is cancelling it: wait for the outcome.
+                        if let Some(waker) = inner.waker.as_deref() {
+                            waker.clear();
+                            let waker: *const Event<S::Kernel> = waker;
+                            drop(inner);
+                            // SAFETY: this entry is not `Free` (it is ours, `Cancelling`), so
+                            // the buffer and its event are not freed before we look again.
+                            unsafe { &*waker }.wait();
+                        }
                         continue;
                     }
                     EntryState::Free | EntryState::Reserved => {
@@ -399,25 +582,66 @@ impl<S: PortSource> HandleTable<S> {
             // the only cancel of the handle; it came from `notify` on this source; the caller
             // checked it is not inside the registration's callback.
             let result = unsafe { self.source.cancel(handle) };
-            let mut inner = self.inner.lock();
-            let entry = &mut inner.entries[id.index];
+            let mut inner = self.lock(OP)?;
             return match result {
                 Ok(()) => {
-                    free_owned(inner, id.index);
+                    self.free_owned(inner, id.index);
                     Ok(())
                 }
                 Err(e) => {
-                    // Still registered: leave it for a retry or for the teardown.
+                    // Still registered: left to the teardown, which frees the registry after
+                    // its cancel succeeds. Given up under the lock, so the teardown sees it.
+                    let entry = &mut inner.entries[id.index];
                     entry.state = EntryState::Live(handle);
+                    silence_and_orphan(entry);
+                    inner.wake();
                     Err(e)
                 }
             };
         }
     }
+
+    /// The watcher of `id` cannot cancel (it runs inside its own callback, or above
+    /// `PASSIVE_LEVEL`) and gives its registry up, silenced and orphaned under the lock. If
+    /// the teardown already cancelled the registration and the caller `may_free` the
+    /// registry, the entry is freed and the registry handed back for the caller to free;
+    /// otherwise the teardown (this one or the next) frees it after its cancel. Above
+    /// `DISPATCH_LEVEL` the lock cannot be taken: returns `None` having done nothing.
+    pub(crate) fn give_up(
+        &self,
+        id: EntryId,
+        may_free: bool,
+    ) -> Option<NonNull<Registry<S::Kernel>>> {
+        let Ok(mut inner) = self.lock("TeredoPortWatcher::drop") else {
+            return None;
+        };
+        let entry = &mut inner.entries[id.index];
+        silence_and_orphan(entry);
+        if may_free && entry.state == EntryState::Cancelled {
+            let registry = entry.registry.as_ref().map(|r| r.0);
+            // The registry is handed to the caller, not to `free_orphan`.
+            let _caller_frees = self.free_entry(&mut inner.entries[id.index]);
+            inner.wake();
+            let unused = take_buffer_if_unused(&mut inner);
+            drop(inner);
+            drop(unused);
+            return registry;
+        }
+        None
+    }
 }
 
-/// Whether the watcher of `entry` gave its registry up. Called under the table lock, for an
-/// entry that is `Cancelled` or `Cancelling` by the caller.
+/// Silences and orphans the registry of `entry`. Under the table lock.
+fn silence_and_orphan<K: Kernel>(entry: &Entry<K>) {
+    if let Some(r) = &entry.registry {
+        // SAFETY: the entry is not `Free`, so its registry is alive (`Entry` invariant).
+        let registry = unsafe { r.0.as_ref() };
+        registry.silence();
+        registry.orphan();
+    }
+}
+
+/// Whether the watcher of `entry` gave its registry up. Called under the table lock.
 fn is_orphaned<K: Kernel>(entry: &Entry<K>) -> bool {
     entry.registry.as_ref().is_some_and(|r| {
         // SAFETY: the registry is alive: its watcher frees it only after moving the entry to
@@ -427,38 +651,19 @@ fn is_orphaned<K: Kernel>(entry: &Entry<K>) -> bool {
     })
 }
 
-/// Frees `entry` (under the table lock); returns its registry if the watcher had given it up.
-fn free_entry<K: Kernel>(entry: &mut Entry<K>) -> Option<RegistryPtr<K>> {
-    let orphaned = is_orphaned(entry);
-    entry.state = EntryState::Free;
-    entry.tag = entry.tag.wrapping_add(1);
-    let registry = entry.registry.take();
-    if orphaned { registry } else { None }
-}
-
-/// The entries' buffer when every entry is `Free`, taken out of the table so that the caller
-/// frees it after releasing the lock. No `EntryId` refers to a free entry, so nothing indexes
-/// the buffer any more, and a later registration allocates a new one. Without this a
-/// `static` table (never dropped) keeps its buffer in the pool after `DriverUnload` or a
-/// failed `DriverEntry`: a leak at every load, found by running the real `.sys` in the
-/// loader harness (`harness/`, pool accounting).
-fn take_buffer_if_unused<K: Kernel>(inner: &mut Inner<K>) -> Vec<Entry<K>> {
+/// The entries' buffer and the event when every entry is `Free`, taken out of the table so
+/// that the caller frees them after releasing the lock. No `EntryId` refers to a free entry
+/// and no thread waits on the event (nothing is in progress), so nothing uses them any more,
+/// and a later registration allocates new ones. A `static` table (never dropped) would
+/// otherwise keep them in the pool after `DriverUnload` or a failed `DriverEntry`.
+fn take_buffer_if_unused<K: Kernel>(
+    inner: &mut Inner<K>,
+) -> (Vec<Entry<K>>, Option<Box<Event<K>>>) {
     if inner.entries.iter().all(|e| e.state == EntryState::Free) {
-        core::mem::take(&mut inner.entries)
+        (core::mem::take(&mut inner.entries), inner.waker.take())
     } else {
-        Vec::new()
+        (Vec::new(), None)
     }
-}
-
-/// Frees the entry at `index`, whose watcher still owns its registry (so there is no orphan
-/// to free), then releases the lock and frees the table's buffer if that was its last entry
-/// in use.
-fn free_owned<K: Kernel>(mut inner: SpinLockGuard<'_, K, Inner<K>>, index: usize) {
-    let _owned_by_the_watcher = free_entry(&mut inner.entries[index]);
-    let unused = take_buffer_if_unused(&mut inner);
-    drop(inner);
-    // The buffer, if any, is freed here, outside the lock.
-    drop(unused);
 }
 
 /// Frees the registry of an orphaned entry whose registration is cancelled. Call it without
@@ -466,10 +671,10 @@ fn free_owned<K: Kernel>(mut inner: SpinLockGuard<'_, K, Inner<K>>, index: usize
 fn free_orphan<K: Kernel>(orphan: Option<RegistryPtr<K>>) {
     if let Some(registry) = orphan {
         // SAFETY: the registry came from `Box::leak` in `TeredoPortWatcher::create` (the only
-        // caller of `register`); its watcher gave it up (`Registry::orphan`) and never touches
-        // it again;
-        // its registration was cancelled successfully, so the OS no longer uses it and no
-        // callback runs; `free_entry` took the only pointer left out of the table.
+        // caller of `register`); its watcher gave it up (`Registry::orphan`, under the table
+        // lock) and never touches it again; its registration was cancelled successfully, so
+        // the OS no longer uses it and no callback runs; `free_entry` took the only pointer
+        // left out of the table.
         drop(unsafe { Box::from_raw(registry.0.as_ptr()) });
     }
 }
@@ -478,6 +683,7 @@ impl<S: PortSource> core::fmt::Debug for HandleTable<S> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HandleTable")
             .field("live_registrations", &self.live_registrations())
+            .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -489,7 +695,7 @@ mod tests {
     use crate::{NetioCall, TeredoPortWatcher, WatcherOptions, sys};
 
     fn buffer_capacity(table: &HandleTable<MockNetio>) -> usize {
-        table.inner.lock().entries.capacity()
+        table.inner.lock("test").expect("lock").entries.capacity()
     }
 
     // A `static` table is never dropped: its buffer must go back to the pool when the last

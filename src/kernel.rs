@@ -7,6 +7,9 @@
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 
+use alloc::boxed::Box;
+
+use crate::error::Error;
 use crate::irql::{Irql, IrqlBound};
 use crate::sync::UnsafeCell;
 
@@ -27,7 +30,7 @@ impl ThreadToken {
     }
 }
 
-/// The kernel services the library needs: IRQL, spin locks, thread identity, a wait step.
+/// The kernel services the library needs: IRQL, spin locks, thread identity, events.
 ///
 /// # Safety
 ///
@@ -39,7 +42,12 @@ impl ThreadToken {
 /// - [`current_irql`](Kernel::current_irql) reports the IRQL of the calling thread, including
 ///   raises made by `acquire`;
 /// - [`current_thread`](Kernel::current_thread) returns a value that no other live thread
-///   returns at the same time, and never zero.
+///   returns at the same time, and never zero;
+/// - the event functions behave as a notification event (`KeInitializeEvent` with
+///   `NotificationEvent`): [`event_set`](Kernel::event_set) signals it and releases every
+///   thread in [`event_wait`](Kernel::event_wait) and every later wait until
+///   [`event_clear`](Kernel::event_clear); a set happens-before the return of a wait it
+///   releases.
 pub unsafe trait Kernel: Send + Sync + 'static {
     /// Storage of one spin lock (`KSPIN_LOCK` in the kernel).
     type RawSpinLock: Send + Sync;
@@ -72,8 +80,46 @@ pub unsafe trait Kernel: Send + Sync + 'static {
     /// The calling thread holds `lock`, and `previous` is what the matching `acquire` returned.
     unsafe fn release(lock: &Self::RawSpinLock, previous: Irql);
 
-    /// One step of a wait loop at `< DISPATCH_LEVEL`: yields the processor.
-    fn relax();
+    /// Storage of one notification event (`KEVENT`), not yet initialized.
+    type Event: Send + Sync;
+
+    /// Storage for an event, to be initialized in place with
+    /// [`event_init`](Kernel::event_init).
+    #[cfg(not(teredo_watcher_loom))]
+    const EVENT: Self::Event;
+
+    /// Storage for an event (loom's primitives cannot be built in a `const`).
+    #[cfg(teredo_watcher_loom)]
+    fn new_event() -> Self::Event;
+
+    /// `KeInitializeEvent(NotificationEvent, FALSE)`: a non-signalled event.
+    ///
+    /// # Safety
+    ///
+    /// No other thread uses `event` yet, and it does not move until it is dropped.
+    unsafe fn event_init(event: &Self::Event);
+
+    /// `KeSetEvent(.., FALSE)`. IRQL `<= DISPATCH_LEVEL`.
+    ///
+    /// # Safety
+    ///
+    /// `event` was initialized with [`event_init`](Kernel::event_init) and has not moved.
+    unsafe fn event_set(event: &Self::Event);
+
+    /// `KeClearEvent`. IRQL `<= DISPATCH_LEVEL`.
+    ///
+    /// # Safety
+    ///
+    /// As [`event_set`](Kernel::event_set).
+    unsafe fn event_clear(event: &Self::Event);
+
+    /// `KeWaitForSingleObject(.., Executive, KernelMode, FALSE, NULL)`: waits until the
+    /// event is signalled. IRQL `< DISPATCH_LEVEL`.
+    ///
+    /// # Safety
+    ///
+    /// As [`event_set`](Kernel::event_set), and the caller is at `< DISPATCH_LEVEL`.
+    unsafe fn event_wait(event: &Self::Event);
 
     /// Called when an entry point runs above the IRQL it documents, before the error is
     /// returned. The kernel backend makes it a debug assertion; the mock can record it.
@@ -115,20 +161,20 @@ impl<K: Kernel, T> SpinLock<K, T> {
         }
     }
 
-    /// Acquires the lock. The caller must be at `<= DISPATCH_LEVEL` (checked by each caller
-    /// in this crate before it gets here).
-    pub(crate) fn lock(&self) -> SpinLockGuard<'_, K, T> {
-        debug_assert!(K::current_irql() <= Irql::DISPATCH_LEVEL);
-        // SAFETY: every caller in this crate checks `<= DISPATCH_LEVEL` first, and no code
-        // path acquires a lock it already holds (guards are never held across calls that
-        // could come back into the same lock: no user code runs under a guard).
+    /// Acquires the lock for `operation`, or refuses with [`Error::IrqlTooHigh`] above
+    /// `DISPATCH_LEVEL` (checked in every build: acquiring a spin lock there is a bugcheck).
+    pub(crate) fn lock(&self, operation: &'static str) -> Result<SpinLockGuard<'_, K, T>, Error> {
+        crate::irql::check::<K>(operation, IrqlBound::AtMostDispatch)?;
+        // SAFETY: the caller is at `<= DISPATCH_LEVEL` (checked above), and no code path
+        // acquires a lock it already holds (guards are never held across calls that could
+        // come back into the same lock: no user code runs under a guard).
         let previous = unsafe { K::acquire(&self.raw) };
         // INVARIANT: the lock is held until the guard is dropped.
-        SpinLockGuard {
+        Ok(SpinLockGuard {
             lock: self,
             previous,
             _not_send: PhantomData,
-        }
+        })
     }
 }
 
@@ -166,5 +212,56 @@ impl<K: Kernel, T> Drop for SpinLockGuard<'_, K, T> {
         // SAFETY: by the type invariant this thread holds the lock and `previous` came from
         // the matching acquire.
         unsafe { K::release(&self.lock.raw, self.previous) };
+    }
+}
+
+/// A notification event of the kernel backend `K`, initialized at its final address.
+///
+/// Only [`Event::new_boxed`] makes one: it allocates the storage, then initializes it in
+/// place, so the `KEVENT` never moves after `KeInitializeEvent` (the kernel links waiters
+/// to its address).
+///
+/// # Invariants
+///
+/// `raw` was initialized with [`Kernel::event_init`] at the address it has now, and lives in
+/// a `Box` that is never moved out of.
+pub(crate) struct Event<K: Kernel> {
+    raw: K::Event,
+}
+
+impl<K: Kernel> Event<K> {
+    /// A new, non-signalled event in pool memory.
+    pub(crate) fn new_boxed() -> Result<Box<Self>, Error> {
+        #[cfg(not(teredo_watcher_loom))]
+        let raw = K::EVENT;
+        #[cfg(teredo_watcher_loom)]
+        let raw = K::new_event();
+        let event = crate::alloc_util::try_box(Event { raw })?;
+        // SAFETY: the box was just made, so no other thread sees the event, and a boxed value
+        // does not move; it is never moved out of the box (the field is private and no
+        // method gives it away).
+        unsafe { K::event_init(&event.raw) };
+        // INVARIANT: initialized at its final address, inside a box.
+        Ok(event)
+    }
+
+    /// Signals the event. IRQL `<= DISPATCH_LEVEL` (the caller's).
+    pub(crate) fn set(&self) {
+        // SAFETY: initialized at this address (type invariant).
+        unsafe { K::event_set(&self.raw) }
+    }
+
+    /// Resets the event to non-signalled. IRQL `<= DISPATCH_LEVEL` (the caller's).
+    pub(crate) fn clear(&self) {
+        // SAFETY: initialized at this address (type invariant).
+        unsafe { K::event_clear(&self.raw) }
+    }
+
+    /// Waits until the event is signalled. The caller checked `< DISPATCH_LEVEL`.
+    pub(crate) fn wait(&self) {
+        debug_assert!(K::current_irql() < Irql::DISPATCH_LEVEL);
+        // SAFETY: initialized at this address (type invariant); every caller in this crate
+        // checks `< DISPATCH_LEVEL` before it waits.
+        unsafe { K::event_wait(&self.raw) }
     }
 }

@@ -41,6 +41,7 @@ extern crate alloc;
 #[cfg(any(test, feature = "mock"))]
 extern crate std;
 
+mod alloc_util;
 mod error;
 mod event;
 mod handle_table;

@@ -3,7 +3,9 @@
 //! Compiled for `target_os = "windows"` only. Nothing here depends on `wdk-sys`; the
 //! declarations are in [`crate::sys`].
 
+use core::cell::UnsafeCell;
 use core::ffi::c_void;
+use core::mem::MaybeUninit;
 
 use crate::error::{Error, NetioCall};
 use crate::irql::{Irql, IrqlBound};
@@ -20,7 +22,8 @@ pub struct NtKernel;
 // mutual exclusion with acquire/release semantics, raising to DISPATCH_LEVEL and restoring
 // the given IRQL. `KeGetCurrentIrql` reports the processor's IRQL, which the running thread
 // keeps while at DISPATCH_LEVEL. `PsGetCurrentThreadId` is unique among live threads and
-// never zero (thread ids are non-zero multiples of 4).
+// never zero (thread ids are non-zero multiples of 4). The event routines are the kernel's
+// notification events (`KeInitializeEvent(NotificationEvent)`), which synchronize internally.
 unsafe impl Kernel for NtKernel {
     // `KSPIN_LOCK` is a `ULONG_PTR` that `KeInitializeSpinLock` sets to zero; an atomic of the
     // same size and alignment lets the kernel modify it through a shared reference.
@@ -62,12 +65,46 @@ unsafe impl Kernel for NtKernel {
         unsafe { sys::KeReleaseSpinLock(lock.as_ptr(), previous.raw()) }
     }
 
-    fn relax() {
-        // A relative interval of one 100 ns unit: gives up the rest of the quantum.
-        let mut interval: i64 = -1;
-        // SAFETY: callers run at < DISPATCH_LEVEL (every wait loop in this crate checks its
-        // IRQL first); `interval` outlives the call. KernelMode = 0, not alertable.
-        let _ = unsafe { sys::KeDelayExecutionThread(0, 0, &raw mut interval) };
+    type Event = NtEvent;
+
+    #[cfg(not(teredo_watcher_loom))]
+    const EVENT: NtEvent = NtEvent(UnsafeCell::new(MaybeUninit::uninit()));
+
+    #[cfg(teredo_watcher_loom)]
+    fn new_event() -> NtEvent {
+        NtEvent(UnsafeCell::new(MaybeUninit::uninit()))
+    }
+
+    unsafe fn event_init(event: &NtEvent) {
+        // SAFETY: the storage is a `KEVENT`-sized, -aligned block in non-paged memory that
+        // does not move and that no other thread uses yet (this function's contract).
+        unsafe { sys::KeInitializeEvent(event.as_ptr(), sys::NOTIFICATION_EVENT, 0) }
+    }
+
+    unsafe fn event_set(event: &NtEvent) {
+        // SAFETY: initialized and not moved (contract); `Wait = FALSE` is valid at
+        // `<= DISPATCH_LEVEL`, where every caller in this crate is.
+        let _ = unsafe { sys::KeSetEvent(event.as_ptr(), 0, 0) };
+    }
+
+    unsafe fn event_clear(event: &NtEvent) {
+        // SAFETY: initialized and not moved (contract); valid at `<= DISPATCH_LEVEL`.
+        unsafe { sys::KeClearEvent(event.as_ptr()) }
+    }
+
+    unsafe fn event_wait(event: &NtEvent) {
+        // SAFETY: initialized and not moved (contract); a wait with no timeout at
+        // `< DISPATCH_LEVEL` (contract); Executive, KernelMode, not alertable: it returns only
+        // when the event is signalled.
+        let _ = unsafe {
+            sys::KeWaitForSingleObject(
+                event.as_ptr().cast(),
+                sys::EXECUTIVE,
+                sys::KERNEL_MODE,
+                0,
+                core::ptr::null_mut(),
+            )
+        };
     }
 
     fn irql_violation(operation: &'static str, current: Irql, required: IrqlBound) {
@@ -77,6 +114,22 @@ unsafe impl Kernel for NtKernel {
         );
     }
 }
+
+/// Storage of one `KEVENT`, written only by the kernel's `Ke*Event` routines.
+pub struct NtEvent(UnsafeCell<MaybeUninit<sys::KEVENT>>);
+
+impl NtEvent {
+    fn as_ptr(&self) -> *mut sys::KEVENT {
+        self.0.get().cast()
+    }
+}
+
+// SAFETY: a `KEVENT` is made to be used by many threads at once; every access goes through
+// the kernel's event routines, which synchronize internally (the dispatcher lock).
+unsafe impl Sync for NtEvent {}
+// SAFETY: as above; moving the storage before `KeInitializeEvent` is fine, and the crate
+// never moves an initialized one (`kernel::Event` keeps it boxed).
+unsafe impl Send for NtEvent {}
 
 /// The real netio Teredo API (`netio.sys`).
 #[derive(Debug, Clone, Copy, Default)]

@@ -2,51 +2,75 @@
 //!
 //! # How invocations are serialized
 //!
-//! One word, `state`, holds the generation of the last notification, a *delivery active*
-//! bit and the last known port. A notification (a *pass*) claims the word with one
-//! compare-and-swap that publishes the new port and generation and sets the active bit,
-//! calls each live subscriber with no lock held, then clears the bit. The OS serializes
-//! invocations of one registration's callback, so passes never overlap; the bit turns a
-//! broken contract into a dropped notification (counted) instead of overlapping calls.
+//! One word, `state`, holds the generation of the last delivery round, the last known port
+//! and four flags:
+//! - `ACTIVE`: a thread (the *deliverer*) is calling subscribers;
+//! - `PENDING`: the port changed while a round was running (an overlapping OS invocation,
+//!   which the contract rules out, or a seed): the deliverer runs one more round with the
+//!   newest state before it lets go;
+//! - `SEEDING`: a `GetTeredoPort` seed is in flight; any notification that *sets* the port
+//!   clears it, and the seed only installs its port while the flag is still there;
+//! - `WAITERS`: a thread sleeps on the registry's event until the current round ends.
 //!
-//! The spin lock guards membership (free list, deferred reclaims, id tags). Subscribe and
-//! unsubscribe take it for a few instructions; no user code, allocation or wait happens under
-//! it. A pass does not take it at all, so fan-out costs one CAS plus one load and one
-//! indirect call per subscriber.
+//! A notification (a *pass*) claims the word with one compare-and-swap that publishes the
+//! new port and the next generation and sets `ACTIVE`, calls each live subscriber with no
+//! lock held, runs the rounds that `PENDING` asked for, then clears `ACTIVE`. A notification
+//! that finds `ACTIVE` set publishes its port at once (so [`current_port`] is never stale),
+//! sets `PENDING` and returns: subscribers are never called twice at once, and the newest
+//! port always reaches them, last.
+//!
+//! The spin lock guards membership (free list, deferred reclaims, id tags) and the event's
+//! clear/set pairs. Subscribe and unsubscribe take it for a few instructions; no user code,
+//! allocation or wait happens under it. A pass takes it only to wake a waiter.
 //!
 //! Each slot has a state: `FREE`, `INIT` (the subscribing thread owns it and may be calling
 //! it with a snapshot), `MISSED` (a pass found it in `INIT`), `LIVE`, `REMOVED`.
 //! - **Subscribe** publishes the slot in `INIT`, reads `state` (generation `g`, port `p`),
 //!   records `start_gen = g`, optionally calls the subscriber with `Snapshot(p)`, then moves
 //!   `INIT -> LIVE` with a CAS. A pass that reached the slot meanwhile moved it to `MISSED`
-//!   instead, so the CAS fails and the subscriber repeats with the newer state. Passes only
-//!   call `LIVE` slots with `start_gen < generation`: a subscriber sees each notification
-//!   after its subscription exactly once, in OS order, never an older port after a newer one,
-//!   and never two calls at once.
+//!   instead, so the CAS fails and the subscriber repeats with the newer state. A round
+//!   calls a `LIVE` slot unless its generation is the slot's `start_gen` (the round the
+//!   subscriber already saw); after its first call the slot delivers every round
+//!   (`start_gen = DELIVER_ALL`), so a generation that wraps never silences it. A
+//!   subscriber sees each round after its subscription exactly once, in order, never an
+//!   older port after a newer one, and never two calls at once.
 //! - **Unsubscribe** stores `REMOVED` (`SeqCst`), then reads `state` (`SeqCst`). A pass stores
-//!   the active bit (`SeqCst` CAS) before it loads a slot's state (`SeqCst`). In the single total
+//!   `ACTIVE` (`SeqCst` CAS) before it loads a slot's state (`SeqCst`). In the single total
 //!   order of those operations either the pass sees `REMOVED` and skips the slot, or the
-//!   unsubscriber sees the active bit and waits for that pass to end. So no call starts after
+//!   unsubscriber sees `ACTIVE` and waits for that round to end. So no call starts after
 //!   unsubscribe returns. From inside a callback of the running pass the wait would never
 //!   end; there the slot is only marked and reclaimed later (deferred), which is still safe
 //!   because that pass checks the state before each call.
 //!
+//! # Waiting
+//!
+//! A waiter (unsubscribe, reclaim) sleeps on a notification event, not in a polling loop.
+//! Under the books lock it clears the event and sets `WAITERS` with one `fetch_or`; if the
+//! round it waits for is still running it sleeps, otherwise it sets the event again before
+//! it leaves (so a clear never strands another sleeper). The deliverer clears `WAITERS`
+//! with the CAS that clears `ACTIVE` and, if it was set, sets the event under the lock.
+//! Every clear is thus followed, under the lock, by a set from the deliverer of a round
+//! still running or from the clearer itself: no sleeper is left behind.
+//!
 //! # IRQL
 //!
 //! Subscribers run on the thread and at the IRQL of the OS callback (`<= DISPATCH_LEVEL`,
-//! not documented further) for notifications, and on the subscribing thread at its IRQL
-//! (`< DISPATCH_LEVEL`) for the snapshot. Write them for `DISPATCH_LEVEL`: no waits, no
-//! paged memory.
+//! not documented further) for notifications, and on the subscribing or creating thread at
+//! its IRQL (`< DISPATCH_LEVEL`) for a snapshot or a seed. Write them for `DISPATCH_LEVEL`:
+//! no waits, no paged memory.
+//!
+//! [`current_port`]: crate::TeredoPortWatcher::current_port
 
-use alloc::alloc::{Layout, alloc, dealloc};
+use alloc::alloc::Layout;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
+use crate::alloc_util::OverAligned;
 use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
 use crate::irql::{self, IrqlBound};
-use crate::kernel::{Kernel, SpinLock};
+use crate::kernel::{Event, Kernel, SpinLock};
 use crate::sync::UnsafeCell;
 use crate::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
@@ -58,12 +82,20 @@ const REMOVED: u8 = 4;
 
 const PORT_MASK: u64 = 0xFFFF;
 const ACTIVE: u64 = 1 << 16;
-const GEN_SHIFT: u32 = 17;
+const PENDING: u64 = 1 << 17;
+const SEEDING: u64 = 1 << 18;
+const WAITERS: u64 = 1 << 19;
+const FLAGS: u64 = ACTIVE | PENDING | SEEDING | WAITERS;
+const GEN_SHIFT: u32 = 20;
+const GEN_ONE: u64 = 1 << GEN_SHIFT;
 const NONE: u32 = u32::MAX;
+/// `start_gen` of a slot that has had its first call: every later round is for it.
+/// Generations have 44 bits, so no round has this number.
+const DELIVER_ALL: u64 = u64::MAX;
 
 #[inline]
-const fn port_of(state: u64) -> u16 {
-    (state & PORT_MASK) as u16
+const fn port_of(state: u64) -> Option<TeredoPort> {
+    TeredoPort::new((state & PORT_MASK) as u16)
 }
 
 #[inline]
@@ -72,31 +104,49 @@ const fn gen_of(state: u64) -> u64 {
 }
 
 #[inline]
-const fn pack(generation: u64, active: bool, port: Option<TeredoPort>) -> u64 {
-    let port = match port {
+const fn with_port(state: u64, port: Option<TeredoPort>) -> u64 {
+    let raw = match port {
         Some(p) => p.get() as u64,
         None => 0,
     };
-    (generation << GEN_SHIFT) | if active { ACTIVE } else { 0 } | port
+    (state & !PORT_MASK) | raw
 }
 
+/// The next generation, in the 44 bits it has (wrapping is harmless: rounds are compared
+/// only for equality with a subscriber's first one).
+#[inline]
+const fn next_gen(state: u64) -> u64 {
+    state.wrapping_add(GEN_ONE)
+}
+
+/// Registry identities: every registry gets its own, so a [`SubscriberId`] of one watcher is
+/// never taken for one of another (even one allocated later at the same address). Not a
+/// loom primitive: it is only ever incremented, and no model depends on its values.
+static NEXT_REGISTRY_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
 /// Identifies one subscription of one watcher.
+///
+/// It names its watcher: given to another watcher's
+/// [`unsubscribe`](crate::TeredoPortWatcher::unsubscribe), it is
+/// [`UnknownSubscriber`](Error::UnknownSubscriber), and so is an id whose subscription is
+/// gone, even once its slot holds a newer subscriber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SubscriberId {
+    registry: u64,
     index: u32,
-    tag: u32,
+    tag: u64,
 }
 
 /// A type-erased `FnMut(TeredoEvent) + Send`, owned.
 ///
 /// # Invariants
 ///
-/// `data` points to a live `F` (or is dangling and `F` is zero-sized) allocated with
-/// `Layout::new::<F>()`; `call` and `drop_fn` are the monomorphized functions for that `F`.
+/// `block.value()` points to a live `F`, aligned for `F` (see [`OverAligned`]); `call` and
+/// `drop_fn` are the monomorphized functions for that `F`.
 struct Subscriber {
-    data: NonNull<()>,
-    call: unsafe fn(NonNull<()>, TeredoEvent),
-    drop_fn: unsafe fn(NonNull<()>),
+    block: core::mem::ManuallyDrop<OverAligned>,
+    call: unsafe fn(NonNull<u8>, TeredoEvent),
+    drop_fn: unsafe fn(NonNull<u8>),
 }
 
 // SAFETY: the erased closure is `Send` (required by `Subscriber::new`), and a `Subscriber` is
@@ -105,39 +155,25 @@ unsafe impl Send for Subscriber {}
 
 impl Subscriber {
     fn new<F: FnMut(TeredoEvent) + Send + 'static>(f: F) -> Result<Subscriber, Error> {
-        unsafe fn call<F: FnMut(TeredoEvent)>(data: NonNull<()>, event: TeredoEvent) {
-            // SAFETY: the caller passes the `data` of a `Subscriber` built for this `F` and
-            // has exclusive access to it (`Subscriber::call` takes `&mut self`).
+        unsafe fn call<F: FnMut(TeredoEvent)>(data: NonNull<u8>, event: TeredoEvent) {
+            // SAFETY: the caller passes the value pointer of a `Subscriber` built for this `F`
+            // and has exclusive access to it (`Subscriber::call` takes `&mut self`).
             let f = unsafe { data.cast::<F>().as_mut() };
             f(event);
         }
-        unsafe fn drop_fn<F>(data: NonNull<()>) {
-            let layout = Layout::new::<F>();
-            // SAFETY: called once, from `Subscriber::drop`, with the `data` of a subscriber
-            // built for this `F`; it is live and nothing else refers to it any more.
+        unsafe fn drop_fn<F>(data: NonNull<u8>) {
+            // SAFETY: called once, from `Subscriber::drop`, with the value pointer of a
+            // subscriber built for this `F`; it is live and nothing else refers to it any more.
             unsafe { core::ptr::drop_in_place(data.cast::<F>().as_ptr()) };
-            if layout.size() != 0 {
-                // SAFETY: allocated in `Subscriber::new` with this very layout.
-                unsafe { dealloc(data.as_ptr().cast(), layout) };
-            }
         }
 
-        let layout = Layout::new::<F>();
-        let data = if layout.size() == 0 {
-            NonNull::<F>::dangling()
-        } else {
-            // SAFETY: the layout has a non-zero size.
-            let raw = unsafe { alloc(layout) }.cast::<F>();
-            NonNull::new(raw).ok_or(Error::AllocationFailed {
-                bytes: layout.size(),
-            })?
-        };
-        // SAFETY: `data` is valid for writes of an `F` and suitably aligned (fresh allocation
-        // of `Layout::new::<F>()`, or dangling-but-aligned for a zero-sized `F`).
-        unsafe { data.as_ptr().write(f) };
-        // INVARIANT: `data` holds the `F` just written; `call`/`drop_fn` are for `F`.
+        let block = OverAligned::new(Layout::new::<F>())?;
+        // SAFETY: `block.value()` is valid for writes of an `F` and aligned for it
+        // (`OverAligned::new` with `Layout::new::<F>()`).
+        unsafe { block.value().cast::<F>().as_ptr().write(f) };
+        // INVARIANT: the block holds the `F` just written; `call`/`drop_fn` are for `F`.
         Ok(Subscriber {
-            data: data.cast(),
+            block: core::mem::ManuallyDrop::new(block),
             call: call::<F>,
             drop_fn: drop_fn::<F>,
         })
@@ -145,16 +181,19 @@ impl Subscriber {
 
     #[inline]
     fn call(&mut self, event: TeredoEvent) {
-        // SAFETY: by the type invariant `data` is a live `F` matching `call`; `&mut self`
-        // gives exclusive access.
-        unsafe { (self.call)(self.data, event) }
+        // SAFETY: by the type invariant the block holds a live `F` matching `call`;
+        // `&mut self` gives exclusive access.
+        unsafe { (self.call)(self.block.value(), event) }
     }
 }
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
         // SAFETY: by the type invariant; this is the only drop of the subscriber.
-        unsafe { (self.drop_fn)(self.data) }
+        unsafe { (self.drop_fn)(self.block.value()) };
+        // SAFETY: the value was just dropped and the block is taken once, here.
+        let block = unsafe { core::mem::ManuallyDrop::take(&mut self.block) };
+        block.free();
     }
 }
 
@@ -163,10 +202,11 @@ impl Drop for Subscriber {
 /// `callback` is `Some` in states `INIT`, `MISSED`, `LIVE` and `REMOVED` (until reclaimed),
 /// and `None` in `FREE`. Only the subscribing thread touches it in `INIT`/`MISSED`, only a
 /// pass touches it in `LIVE`, and only the reclaiming thread in `REMOVED` once no pass can
-/// still be calling it.
+/// still be calling it. A slot whose `tag` reached `u64::MAX` is retired: it never goes back
+/// to the free list, so no tag is ever issued twice.
 struct Slot {
     state: AtomicU8,
-    tag: AtomicU32,
+    tag: AtomicU64,
     next: AtomicU32,
     start_gen: AtomicU64,
     callback: UnsafeCell<Option<Subscriber>>,
@@ -176,7 +216,7 @@ impl Slot {
     fn new() -> Slot {
         Slot {
             state: AtomicU8::new(FREE),
-            tag: AtomicU32::new(0),
+            tag: AtomicU64::new(0),
             next: AtomicU32::new(NONE),
             start_gen: AtomicU64::new(0),
             callback: UnsafeCell::new(None),
@@ -188,16 +228,16 @@ impl Slot {
 struct Books {
     free_head: u32,
     zombie_head: u32,
-    live: usize,
 }
 
 /// Counters a driver can log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RegistryStats {
-    /// Notifications delivered (passes run), the initial one included.
+    /// OS invocations of the callback, the initial notification included.
     pub notifications: u64,
-    /// Notifications dropped because the OS overlapped two invocations of one
-    /// registration's callback, which its contract rules out. Expected to stay zero.
+    /// OS invocations that overlapped a running one, which the contract rules out. Their
+    /// port was published at once and delivered by the running pass (coalesced to the
+    /// newest). Expected to stay zero.
     pub overlapping: u64,
     /// Subscribers currently registered.
     pub subscribers: usize,
@@ -223,18 +263,32 @@ pub(crate) struct Registry<K: Kernel> {
     state: AtomicU64,
     deliverer: AtomicUsize,
     high_water: AtomicUsize,
+    notifications: AtomicU64,
     overlapping: AtomicU64,
-    /// Set by a watcher that failed to cancel and gave the registry up to the handle table,
-    /// whose teardown frees it after cancelling (an atomic: any IRQL, no lock).
+    /// Subscribers are no longer called: the watcher gave the registry up (any IRQL, no lock).
+    silenced: AtomicBool,
+    /// Set, under the handle table's lock, by a watcher that could not cancel and gave the
+    /// registry up to the table, whose teardown frees it after cancelling.
     orphaned: AtomicBool,
+    /// Subscribers registered (written under the books lock; read lock-free by `stats`).
+    live: AtomicUsize,
+    id: u64,
     slots: Box<[Slot]>,
     books: SpinLock<K, Books>,
+    round_ended: Box<Event<K>>,
 }
 
 impl<K: Kernel> Registry<K> {
     /// A registry with room for `capacity` subscribers (allocated now, fallibly).
     pub(crate) fn new(capacity: usize) -> Result<Self, Error> {
         let capacity = capacity.min(u32::MAX as usize - 1);
+        let id = NEXT_REGISTRY_ID
+            .fetch_update(
+                core::sync::atomic::Ordering::Relaxed,
+                core::sync::atomic::Ordering::Relaxed,
+                |id| id.checked_add(1),
+            )
+            .map_err(|_| Error::AllocationFailed { bytes: 0 })?;
         let mut slots = Vec::new();
         slots
             .try_reserve_exact(capacity)
@@ -256,18 +310,28 @@ impl<K: Kernel> Registry<K> {
             state: AtomicU64::new(0),
             deliverer: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
+            notifications: AtomicU64::new(0),
             overlapping: AtomicU64::new(0),
+            silenced: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            id,
             slots: slots.into_boxed_slice(),
             books: SpinLock::new(Books {
                 free_head: if capacity == 0 { NONE } else { 0 },
                 zombie_head: NONE,
-                live: 0,
             }),
+            round_ended: Event::new_boxed()?,
         })
     }
 
-    /// Marks the registry as given up by its watcher (see the `orphaned` field).
+    /// Stops calling subscribers, at once and at any IRQL: no call starts after this.
+    pub(crate) fn silence(&self) {
+        self.silenced.store(true, Ordering::SeqCst);
+    }
+
+    /// Marks the registry as given up by its watcher (see the `orphaned` field). The caller
+    /// holds the handle table's lock.
     pub(crate) fn orphan(&self) {
         self.orphaned.store(true, Ordering::SeqCst);
     }
@@ -277,106 +341,235 @@ impl<K: Kernel> Registry<K> {
         self.orphaned.load(Ordering::SeqCst)
     }
 
-    /// The last known port: one atomic load, any IRQL `<= DISPATCH_LEVEL`.
+    /// The last known port: one atomic load, any IRQL.
     #[inline]
     pub(crate) fn current_port(&self) -> Option<TeredoPort> {
-        TeredoPort::new(port_of(self.state.load(Ordering::Acquire)))
+        port_of(self.state.load(Ordering::Acquire))
     }
 
-    /// The generation of the last notification and the delivery-active bit (for seeding).
-    pub(crate) fn snapshot_state(&self) -> u64 {
-        self.state.load(Ordering::SeqCst)
+    /// Starts a seed: from now on, a notification that sets the port makes
+    /// [`finish_seed`](Self::finish_seed) a no-op.
+    pub(crate) fn begin_seed(&self) {
+        self.state.fetch_or(SEEDING, Ordering::SeqCst);
     }
 
-    /// Records `port` as the last known port if no notification arrived since `before`
-    /// (a value from [`snapshot_state`](Self::snapshot_state)). Delivers nothing.
-    pub(crate) fn seed(&self, before: u64, port: Option<TeredoPort>) -> bool {
-        if before & ACTIVE != 0 {
-            return false;
-        }
-        self.state
-            .compare_exchange(
-                before,
-                pack(gen_of(before), false, port),
+    /// Ends a seed with the port `GetTeredoPort` returned (`None` for a failure or port 0):
+    /// installs it unless a notification set the port since [`begin_seed`](Self::begin_seed),
+    /// and delivers it to the subscribers as a [`TeredoEvent::Snapshot`] if it changed the
+    /// port. Runs on the creating thread (`PASSIVE_LEVEL`).
+    pub(crate) fn finish_seed(&self, port: Option<TeredoPort>) {
+        let mut current = self.state.load(Ordering::SeqCst);
+        loop {
+            if current & SEEDING == 0 {
+                // A notification that set the port came after the seed began: it is newer.
+                return;
+            }
+            let cleared = current & !SEEDING;
+            let (next, deliver_now) = if port_of(current) == port || port.is_none() {
+                // Nothing to install: `None` is "no port known", which the state says already
+                // unless a notification said otherwise (then it is newer).
+                (cleared, false)
+            } else if current & ACTIVE != 0 {
+                // The running pass delivers it, after its round.
+                (with_port(cleared, port) | PENDING, false)
+            } else {
+                (next_gen(with_port(cleared, port)) | ACTIVE, true)
+            };
+            match self.state.compare_exchange_weak(
+                current,
+                next,
                 Ordering::SeqCst,
-                Ordering::Relaxed,
-            )
-            .is_ok()
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    if deliver_now {
+                        self.run_rounds(next, TeredoEvent::Snapshot { port });
+                    }
+                    return;
+                }
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// Whether the calling thread is inside a pass of this registry (a subscriber callback
-    /// for an OS notification).
+    /// for an OS notification, or the seed's delivery).
     pub(crate) fn delivering_on_current_thread(&self) -> bool {
         self.state.load(Ordering::SeqCst) & ACTIVE != 0
             && self.deliverer.load(Ordering::Relaxed) == K::current_thread().raw()
     }
 
+    /// Counters; lock-free, any IRQL.
     pub(crate) fn stats(&self) -> RegistryStats {
-        let subscribers = self.books.lock().live;
         RegistryStats {
-            // One generation per pass: the generation counts the notifications.
-            notifications: gen_of(self.state.load(Ordering::Acquire)),
+            notifications: self.notifications.load(Ordering::Relaxed),
             overlapping: self.overlapping.load(Ordering::Relaxed),
-            subscribers,
+            subscribers: self.live.load(Ordering::Relaxed),
             capacity: self.slots.len(),
         }
     }
 
-    /// One OS notification: the pass. Runs on the OS thread; no lock, no allocation, no wait.
-    pub(crate) fn deliver(&self, event: TeredoEvent) {
+    /// One OS notification: the pass. Runs on the OS thread; no allocation, no wait, and no
+    /// lock unless a waiter is to be woken.
+    pub(crate) fn deliver(&self, port: u16, raw_type: i32) {
+        self.notifications.fetch_add(1, Ordering::Relaxed);
         let mut current = self.state.load(Ordering::Relaxed);
-        let (generation, port) = loop {
-            if current & ACTIVE != 0 {
-                // Two invocations of one registration overlap: the OS contract says this
-                // cannot happen. Drop this one rather than call subscribers concurrently.
-                self.overlapping.fetch_add(1, Ordering::Relaxed);
-                return;
+        let (claimed, event) = loop {
+            let event = TeredoEvent::from_raw(port, raw_type, port_of(current));
+            let mut next = with_port(current, event.port());
+            if event.sets_port() {
+                next &= !SEEDING;
             }
-            let generation = gen_of(current) + 1;
-            let port = event.apply(TeredoPort::new(port_of(current)));
+            let overlapping = current & ACTIVE != 0;
+            next = if overlapping {
+                // Two invocations of one registration overlap, which the OS contract rules
+                // out. Publish the port now and let the running pass deliver it after its
+                // round, so subscribers are never called twice at once and never miss the
+                // newest port.
+                next | PENDING
+            } else {
+                next_gen(next) | ACTIVE
+            };
             match self.state.compare_exchange_weak(
                 current,
-                pack(generation, true, port),
+                next,
                 Ordering::SeqCst,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => break (generation, port),
+                Ok(_) if overlapping => {
+                    self.overlapping.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Ok(_) => break (next, event),
                 Err(now) => current = now,
             }
         };
-        self.deliverer
-            .store(K::current_thread().raw(), Ordering::Relaxed);
+        self.run_rounds(claimed, event);
+    }
 
-        // Dekker point: the CAS above, then the loads of `high_water` and slot states.
+    /// Runs the round of `claimed` (a state this thread installed with `ACTIVE` set) with
+    /// `event`, then one round per `PENDING` with the newest state, then ends the pass.
+    fn run_rounds(&self, claimed: u64, event: TeredoEvent) {
+        let me = K::current_thread().raw();
+        let (mut generation, mut event) = (gen_of(claimed), event);
+        loop {
+            self.deliverer.store(me, Ordering::Relaxed);
+            self.round(generation, event);
+            let mut current = self.state.load(Ordering::SeqCst);
+            loop {
+                let next = if current & PENDING != 0 {
+                    next_gen(current & !PENDING)
+                } else {
+                    current & !(ACTIVE | WAITERS)
+                };
+                if next & ACTIVE == 0 {
+                    // Cleared before the pass ends, so no thread ever sees `ACTIVE` with a
+                    // stale deliverer of its own.
+                    self.deliverer.store(0, Ordering::Relaxed);
+                }
+                match self.state.compare_exchange_weak(
+                    current,
+                    next,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    Ok(_) if next & ACTIVE != 0 => {
+                        generation = gen_of(next);
+                        event = TeredoEvent::Snapshot {
+                            port: port_of(next),
+                        };
+                        break;
+                    }
+                    Ok(_) => {
+                        if current & WAITERS != 0 {
+                            self.wake_waiters();
+                        }
+                        return;
+                    }
+                    Err(now) => {
+                        if now & ACTIVE != 0 {
+                            self.deliverer.store(me, Ordering::Relaxed);
+                        }
+                        current = now;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round: calls every live subscriber, in slot order, with `event`.
+    fn round(&self, generation: u64, event: TeredoEvent) {
+        // Dekker point: the CAS that set `ACTIVE`, then the loads of `high_water` and slot
+        // states.
         crate::sync::seq_cst_point();
         let high_water = self.high_water.load(Ordering::SeqCst);
         // Clamped to the table, so the slicing cannot panic on the OS's thread, and the loop
-        // has a single bound (performance: `iter().take(n)` tested two per slot).
+        // has a single bound.
         let in_use = &self.slots[..high_water.min(self.slots.len())];
         for slot in in_use {
             let state = slot.state.load(Ordering::SeqCst);
-            // Performance: the common case, LIVE, is tested first and INIT is handled in a
-            // cold function, with the same meaning as before (one compare per LIVE slot).
+            // The common case, LIVE, is tested first; INIT is handled in a cold function.
             if state != LIVE && !missed_or_now_live(slot, state) {
                 continue;
             }
-            if slot.start_gen.load(Ordering::Relaxed) < generation {
-                slot.callback.with_mut(|cb| {
-                    // SAFETY: the slot is LIVE, so by the `Slot` invariant only this pass
-                    // touches the callback; passes do not overlap (the ACTIVE bit), and an
-                    // unsubscriber waits for this pass to end before reclaiming it.
-                    if let Some(cb) = unsafe { &mut *cb } {
-                        cb.call(event);
-                    }
-                });
+            let start = slot.start_gen.load(Ordering::Relaxed);
+            if start == generation {
+                // The subscriber saw this round's state when it subscribed.
+                continue;
+            }
+            if start != DELIVER_ALL {
+                slot.start_gen.store(DELIVER_ALL, Ordering::Relaxed);
+            }
+            if self.silenced.load(Ordering::SeqCst) {
+                return;
+            }
+            slot.callback.with_mut(|cb| {
+                // SAFETY: the slot is LIVE, so by the `Slot` invariant only this pass
+                // touches the callback; rounds do not overlap (the ACTIVE bit), and an
+                // unsubscriber waits for this round to end before reclaiming it.
+                if let Some(cb) = unsafe { &mut *cb } {
+                    cb.call(event);
+                }
+            });
+        }
+    }
+
+    /// Wakes the threads waiting for a round to end (the deliverer, after clearing `ACTIVE`
+    /// and `WAITERS`). Takes the books lock, at the pass's IRQL (`<= DISPATCH_LEVEL`).
+    #[cold]
+    fn wake_waiters(&self) {
+        if let Ok(_books) = self.books.lock("TeredoPortWatcher notification") {
+            self.round_ended.set();
+        }
+    }
+
+    /// Waits, at `< DISPATCH_LEVEL` (checked by the caller), until the round running now, if
+    /// any, has ended.
+    fn wait_for_round(&self) -> Result<(), Error> {
+        // Dekker point: the caller's store of REMOVED, then `state`.
+        crate::sync::seq_cst_point();
+        let seen = self.state.load(Ordering::SeqCst);
+        if seen & ACTIVE == 0 {
+            return Ok(());
+        }
+        let ended = |state: u64| state & ACTIVE == 0 || gen_of(state) != gen_of(seen);
+        loop {
+            {
+                let _books = self.books.lock("TeredoPortWatcher::unsubscribe")?;
+                self.round_ended.clear();
+                let before = self.state.fetch_or(WAITERS, Ordering::SeqCst);
+                if ended(before) {
+                    // The round ended before this thread could sleep: undo the clear, which
+                    // another sleeper may rely on (see the module docs).
+                    self.round_ended.set();
+                    return Ok(());
+                }
+            }
+            self.round_ended.wait();
+            if ended(self.state.load(Ordering::SeqCst)) {
+                return Ok(());
             }
         }
-
-        self.deliverer.store(0, Ordering::Relaxed);
-        // Only this pass writes `state` while ACTIVE is set (seeding refuses then), so a plain
-        // release store ends it.
-        self.state
-            .store(pack(generation, false, port), Ordering::Release);
     }
 
     /// Adds a subscriber; with `snapshot`, calls it first with the current state.
@@ -386,10 +579,10 @@ impl<K: Kernel> Registry<K> {
     where
         F: FnMut(TeredoEvent) + Send + 'static,
     {
-        self.reclaim_deferred();
+        self.reclaim_deferred()?;
         let subscriber = Subscriber::new(f)?;
         let (index, tag) = {
-            let mut books = self.books.lock();
+            let mut books = self.books.lock("TeredoPortWatcher::subscribe")?;
             let index = books.free_head;
             if index == NONE {
                 drop(books);
@@ -400,7 +593,7 @@ impl<K: Kernel> Registry<K> {
             }
             let slot = &self.slots[index as usize];
             books.free_head = slot.next.load(Ordering::Relaxed);
-            books.live += 1;
+            self.live.fetch_add(1, Ordering::Relaxed);
             slot.callback.with_mut(|cb| {
                 // SAFETY: the slot is FREE (it was on the free list), so no pass and no other
                 // thread touches its callback (`Slot` invariant); we hold the books lock.
@@ -423,12 +616,10 @@ impl<K: Kernel> Registry<K> {
             // A pass can mark the slot MISSED after the subscriber has already seen that
             // pass's state (read while the pass was active): the retry then finds the same
             // state, which is not shown twice.
-            // regression: loom model `notification_races_subscribe_with_snapshot` at
-            // LOOM_MAX_PREEMPTIONS=3 (duplicate `Snapshot` of one state).
-            if snapshot && shown != Some(state & !ACTIVE) {
-                shown = Some(state & !ACTIVE);
+            if snapshot && shown != Some(state & !FLAGS) {
+                shown = Some(state & !FLAGS);
                 let event = TeredoEvent::Snapshot {
-                    port: TeredoPort::new(port_of(state)),
+                    port: port_of(state),
                 };
                 slot.callback.with_mut(|cb| {
                     // SAFETY: the slot is INIT or MISSED: only this thread touches it.
@@ -445,7 +636,11 @@ impl<K: Kernel> Registry<K> {
                 Err(_missed) => slot.state.store(INIT, Ordering::SeqCst),
             }
         }
-        Ok(SubscriberId { index, tag })
+        Ok(SubscriberId {
+            registry: self.id,
+            index,
+            tag,
+        })
     }
 
     /// Removes a subscriber. When this returns `Ok`, it is not running and never runs again.
@@ -454,89 +649,96 @@ impl<K: Kernel> Registry<K> {
     /// of this registry's notification (then the reclaim is deferred).
     pub(crate) fn unsubscribe(&self, id: SubscriberId) -> Result<(), Error> {
         let inside = self.delivering_on_current_thread();
-        if !inside {
-            irql::check::<K>("TeredoPortWatcher::unsubscribe", IrqlBound::BelowDispatch)?;
+        let bound = if inside {
+            IrqlBound::AtMostDispatch
+        } else {
+            IrqlBound::BelowDispatch
+        };
+        irql::check::<K>("TeredoPortWatcher::unsubscribe", bound)?;
+        if id.registry != self.id {
+            return Err(Error::UnknownSubscriber);
         }
         let slot = self
             .slots
             .get(id.index as usize)
             .ok_or(Error::UnknownSubscriber)?;
         {
-            let mut books = self.books.lock();
+            let mut books = self.books.lock("TeredoPortWatcher::unsubscribe")?;
             if slot.tag.load(Ordering::Relaxed) != id.tag
                 || slot.state.load(Ordering::SeqCst) != LIVE
             {
                 return Err(Error::UnknownSubscriber);
             }
-            slot.tag.store(id.tag.wrapping_add(1), Ordering::Relaxed);
+            // A tag that reaches `u64::MAX` retires the slot (see `reclaim`), so tags are
+            // never reused.
+            slot.tag.store(id.tag.saturating_add(1), Ordering::Relaxed);
             slot.state.store(REMOVED, Ordering::SeqCst);
-            books.live -= 1;
+            self.live.fetch_sub(1, Ordering::Relaxed);
             if inside {
                 slot.next.store(books.zombie_head, Ordering::Relaxed);
                 books.zombie_head = id.index;
                 return Ok(());
             }
         }
-        self.wait_for_pass();
-        self.reclaim(id.index);
-        Ok(())
-    }
-
-    /// Waits until the pass running now, if any, has ended.
-    fn wait_for_pass(&self) {
-        // Dekker point: the caller's store of REMOVED, then `state`.
-        crate::sync::seq_cst_point();
-        let seen = self.state.load(Ordering::SeqCst);
-        if seen & ACTIVE == 0 {
-            return;
-        }
-        let mut spins = 0u32;
-        while self.state.load(Ordering::SeqCst) == seen {
-            if spins < 64 {
-                crate::sync::spin_hint();
-                spins += 1;
-            } else {
-                K::relax();
-            }
-        }
+        // The subscriber is REMOVED: whatever happens below, no call of it starts any more.
+        self.wait_for_round()?;
+        self.reclaim(id.index)
     }
 
     /// Frees the callback of a REMOVED slot no pass can be calling, and frees the slot.
-    fn reclaim(&self, index: u32) {
+    fn reclaim(&self, index: u32) -> Result<(), Error> {
         let slot = &self.slots[index as usize];
         let subscriber = slot.callback.with_mut(|cb| {
-            // SAFETY: the slot is REMOVED and the pass that could have been calling it has
+            // SAFETY: the slot is REMOVED and the round that could have been calling it has
             // ended (the caller waited), so this thread alone touches the callback.
             unsafe { (*cb).take() }
         });
         {
-            let mut books = self.books.lock();
+            let mut books = self.books.lock("TeredoPortWatcher::unsubscribe")?;
             slot.state.store(FREE, Ordering::SeqCst);
-            slot.next.store(books.free_head, Ordering::Relaxed);
-            books.free_head = index;
+            if slot.tag.load(Ordering::Relaxed) != u64::MAX {
+                slot.next.store(books.free_head, Ordering::Relaxed);
+                books.free_head = index;
+            }
         }
         // The user's destructor runs here: outside the lock, at the caller's IRQL.
         drop(subscriber);
+        Ok(())
     }
 
-    /// Reclaims subscribers removed from inside a callback, once their pass is over.
-    pub(crate) fn reclaim_deferred(&self) {
+    /// Reclaims subscribers removed from inside a callback, once their round is over.
+    /// IRQL `< DISPATCH_LEVEL` (checked by the callers).
+    pub(crate) fn reclaim_deferred(&self) -> Result<(), Error> {
         if self.delivering_on_current_thread() {
-            return;
+            return Ok(());
         }
         let mut next = {
-            let mut books = self.books.lock();
+            let mut books = self.books.lock("TeredoPortWatcher::subscribe")?;
             core::mem::replace(&mut books.zombie_head, NONE)
         };
         if next == NONE {
-            return;
+            return Ok(());
         }
-        self.wait_for_pass();
+        if let Err(e) = self.wait_for_round() {
+            // Put them back for a later attempt.
+            if let Ok(mut books) = self.books.lock("TeredoPortWatcher::subscribe") {
+                let mut last = next;
+                while self.slots[last as usize].next.load(Ordering::Relaxed) != NONE {
+                    last = self.slots[last as usize].next.load(Ordering::Relaxed);
+                }
+                self.slots[last as usize]
+                    .next
+                    .store(books.zombie_head, Ordering::Relaxed);
+                books.zombie_head = next;
+            }
+            return Err(e);
+        }
         while next != NONE {
             let index = next;
             next = self.slots[index as usize].next.load(Ordering::Relaxed);
-            self.reclaim(index);
+            self.reclaim(index)?;
         }
+        Ok(())
     }
 }
 
@@ -551,8 +753,7 @@ unsafe impl<K: Kernel> Send for Registry<K> {}
 ///
 /// # Safety
 ///
-/// `context` is a `Registry<K>` that stays valid for the duration of the call, and calls
-/// with the same `context` do not overlap (the OS serializes them).
+/// `context` is a `Registry<K>` that stays valid for the duration of the call.
 pub(crate) unsafe extern "system" fn trampoline<K: Kernel>(
     context: *mut core::ffi::c_void,
     port: u16,
@@ -561,5 +762,5 @@ pub(crate) unsafe extern "system" fn trampoline<K: Kernel>(
     // SAFETY: the context is the registry the watcher registered and keeps alive until the
     // cancel of this registration succeeds (this function's contract).
     let registry = unsafe { &*context.cast::<Registry<K>>() };
-    registry.deliver(TeredoEvent::from_raw(port, notification_type));
+    registry.deliver(port, notification_type);
 }

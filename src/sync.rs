@@ -9,7 +9,9 @@ pub(crate) use core::sync::atomic;
 #[cfg(teredo_watcher_loom)]
 pub(crate) use loom::sync::atomic;
 
-/// Spin-wait hint for loops that wait on another CPU (a `pause` instruction on x86).
+/// Spin-wait hint for loops that wait on another CPU (a `pause` instruction on x86): the
+/// mock kernel's spin lock. The library itself never spins: it sleeps on kernel events.
+#[cfg(any(test, feature = "mock"))]
 #[inline]
 pub(crate) fn spin_hint() {
     #[cfg(not(teredo_watcher_loom))]

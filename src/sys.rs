@@ -26,6 +26,20 @@ pub type KSPIN_LOCK = usize;
 /// `BOOLEAN`.
 pub type BOOLEAN = u8;
 
+/// `KEVENT` (x64: a 24-byte `DISPATCHER_HEADER`, 8-byte aligned), opaque: only the kernel
+/// reads or writes it, through the `Ke*Event` routines.
+#[repr(C, align(8))]
+pub struct KEVENT {
+    _opaque: [u8; 24],
+}
+
+/// `EVENT_TYPE::NotificationEvent`: stays signalled until cleared, releases every waiter.
+pub const NOTIFICATION_EVENT: i32 = 0;
+/// `KWAIT_REASON::Executive`.
+pub const EXECUTIVE: i32 = 0;
+/// `KPROCESSOR_MODE::KernelMode`.
+pub const KERNEL_MODE: i8 = 0;
+
 /// `PTEREDO_PORT_CHANGE_CALLBACK`: `VOID (NTAPI *)(PVOID CallerContext, USHORT Port,
 /// MIB_NOTIFICATION_TYPE NotificationType)`, with the enum passed as a raw `i32`.
 pub type TeredoPortChangeCallback =
@@ -118,10 +132,18 @@ unsafe extern "system" {
     pub fn KeReleaseSpinLock(spin_lock: *mut KSPIN_LOCK, new_irql: KIRQL);
     /// `PsGetCurrentThreadId` (any IRQL).
     pub fn PsGetCurrentThreadId() -> HANDLE;
-    /// `KeDelayExecutionThread` (`<= APC_LEVEL`).
-    pub fn KeDelayExecutionThread(
+    /// `KeInitializeEvent` (any IRQL; the event must be non-paged and not move afterwards).
+    pub fn KeInitializeEvent(event: *mut KEVENT, event_type: i32, state: BOOLEAN);
+    /// `KeSetEvent` (`<= DISPATCH_LEVEL` with `wait = FALSE`).
+    pub fn KeSetEvent(event: *mut KEVENT, increment: i32, wait: BOOLEAN) -> i32;
+    /// `KeClearEvent` (`<= DISPATCH_LEVEL`).
+    pub fn KeClearEvent(event: *mut KEVENT);
+    /// `KeWaitForSingleObject` (`<= APC_LEVEL` for a non-zero timeout).
+    pub fn KeWaitForSingleObject(
+        object: *mut c_void,
+        wait_reason: i32,
         wait_mode: i8,
         alertable: BOOLEAN,
-        interval: *mut i64,
+        timeout: *mut i64,
     ) -> NTSTATUS;
 }

@@ -5,6 +5,7 @@ use core::marker::PhantomData;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
 
+use crate::alloc_util::try_box;
 use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
 use crate::handle_table::{EntryId, HandleTable};
@@ -23,7 +24,10 @@ pub struct WatcherOptions {
     pub max_subscribers: usize,
     /// After registering, read the port with `GetTeredoPort` so that
     /// [`current_port`](TeredoPortWatcher::current_port) is known before the first change.
-    /// A failure (client not started, no IPv6) leaves it `None`.
+    /// If it finds a port and no notification set one meanwhile, the subscribers installed so
+    /// far receive it as [`TeredoEvent::Snapshot`] on the creating thread. A failure (client
+    /// not started, no IPv6) leaves it `None` (see
+    /// [`seed_error`](TeredoPortWatcher::seed_error)).
     pub seed_current_port: bool,
 }
 
@@ -90,26 +94,6 @@ unsafe impl<S: PortSource> Send for TeredoPortWatcher<'_, S> {}
 // SAFETY: every `&self` method is safe to call concurrently (atomics and the spin lock).
 unsafe impl<S: PortSource> Sync for TeredoPortWatcher<'_, S> {}
 
-/// Allocates `value` on the heap, returning an error instead of aborting.
-fn try_box<T>(value: T) -> Result<Box<T>, Error> {
-    let layout = alloc::alloc::Layout::new::<T>();
-    if layout.size() == 0 {
-        return Ok(Box::new(value));
-    }
-    // SAFETY: the layout has a non-zero size.
-    let raw = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
-    if raw.is_null() {
-        return Err(Error::AllocationFailed {
-            bytes: layout.size(),
-        });
-    }
-    // SAFETY: `raw` is a fresh allocation of `Layout::new::<T>()`, valid for writes.
-    unsafe { raw.write(value) };
-    // SAFETY: allocated with the global allocator and the layout of `T`, and initialized:
-    // exactly what `Box::from_raw` requires.
-    Ok(unsafe { Box::from_raw(raw) })
-}
-
 impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// Registers for Teredo port changes.
     ///
@@ -130,7 +114,9 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     }
 
     /// Registers with `subscriber` installed before the registration call, so it receives
-    /// the initial notification and every change.
+    /// the initial notification, the seed's [`TeredoEvent::Snapshot`] when the client already
+    /// runs (with the default options), and every change: keeping a firewall exception equal
+    /// to [`event.port()`](TeredoEvent::port) on each event is correct from the first one.
     ///
     /// # IRQL
     ///
@@ -163,7 +149,7 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         F: FnMut(TeredoEvent) + Send + 'static,
     {
         // PASSIVE_LEVEL, not netio's `< DISPATCH_LEVEL`: what is created here must be undoable
-        // here (see `new`). regression: harness/tests/fault_sweep.rs, finding F1.
+        // here (see `new`).
         irql::check::<S::Kernel>("TeredoPortWatcher::new", IrqlBound::Passive)?;
         let registry = Registry::<S::Kernel>::new(options.max_subscribers)?;
         let first_id = match first {
@@ -190,6 +176,10 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
                 Ok((watcher, first_id))
             }
             Err((error, maybe_in_use)) => {
+                // SAFETY: the registry came from `Box::leak` above and is alive.
+                let registry_ref = unsafe { registry.as_ref() };
+                // Whatever the OS still does with it, no subscriber is called any more.
+                registry_ref.silence();
                 if !maybe_in_use {
                     // SAFETY: the OS refused the registration, so nothing else refers to
                     // the registry; it came from `Box::leak` above.
@@ -206,11 +196,19 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     }
 
     fn seed(&self) -> Result<(), Error> {
-        let before = self.registry().snapshot_state();
-        let port = self.table.source().teredo_port()?;
-        // Refused if a notification arrived meanwhile: it carries a newer port.
-        let _ = self.registry().seed(before, TeredoPort::new(port));
-        Ok(())
+        // Only a notification that sets the port between these two calls beats the seed
+        // (it is newer); the initial notification or an unknown type does not.
+        self.registry().begin_seed();
+        match self.table.source().teredo_port() {
+            Ok(port) => {
+                self.registry().finish_seed(TeredoPort::new(port));
+                Ok(())
+            }
+            Err(e) => {
+                self.registry().finish_seed(None);
+                Err(e)
+            }
+        }
     }
 
     /// Why seeding the port with `GetTeredoPort` at creation failed, if it did (with its raw
@@ -231,16 +229,12 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     ///
     /// # IRQL
     ///
-    /// `<= DISPATCH_LEVEL` (a WFP classify function may call it for every packet). Not
-    /// checked in release builds: an atomic load of non-paged memory is valid at any IRQL,
-    /// and the check would cost more than the load. The watcher must live in non-paged
-    /// memory, as every allocation of a kernel global allocator such as `wdk-alloc` does.
+    /// Any (a WFP classify function may call it for every packet): one atomic load of the
+    /// registry, which lives in non-paged memory as every allocation of a kernel global
+    /// allocator such as `wdk-alloc` does.
     #[inline]
     #[must_use]
     pub fn current_port(&self) -> Option<TeredoPort> {
-        #[cfg(debug_assertions)]
-        let _ =
-            irql::check::<S::Kernel>("TeredoPortWatcher::current_port", IrqlBound::AtMostDispatch);
         self.registry().current_port()
     }
 
@@ -248,7 +242,7 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     ///
     /// # IRQL
     ///
-    /// `<= DISPATCH_LEVEL`.
+    /// Any, as [`current_port`](Self::current_port).
     #[inline]
     #[must_use]
     pub fn exceptions(&self) -> TeredoExceptions {
@@ -324,11 +318,11 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         self.registry().unsubscribe(id)
     }
 
-    /// Counters: notifications, subscribers, capacity.
+    /// Counters: notifications, subscribers, capacity. Lock-free.
     ///
     /// # IRQL
     ///
-    /// `<= DISPATCH_LEVEL`.
+    /// Any.
     #[must_use]
     pub fn stats(&self) -> RegistryStats {
         self.registry().stats()
@@ -343,30 +337,52 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// # Errors
     ///
     /// [`Error::CancelFromCallback`], [`Error::IrqlTooHigh`], or the status of
-    /// `CancelMibChangeNotify2`. On any error the context is not freed here (never while the
-    /// OS may use it): the handle stays in the table, whose teardown cancels it and then frees
-    /// the context.
+    /// `CancelMibChangeNotify2`. On any error the subscribers are silenced at once (no call
+    /// of them starts after this returns; one already running on another thread finishes),
+    /// and the context is not freed here while the OS may use it: the handle stays in the
+    /// table, whose teardown cancels it and then frees the context with the subscribers.
+    /// If the teardown had already cancelled it, the context is freed here, unless this runs
+    /// inside its own callback or at `DISPATCH_LEVEL` (then by the next teardown). Above
+    /// `DISPATCH_LEVEL` the table's lock cannot be taken: the context is silenced and
+    /// orphaned without it and may be leaked, never freed while in use.
     pub fn unregister(self) -> Result<(), Error> {
         let mut this = ManuallyDrop::new(self);
         this.release()
     }
 
     fn release(&mut self) -> Result<(), Error> {
-        let result = self.try_release();
-        // The callers (`unregister`, `Drop`) never use the watcher again: on failure, give the
-        // registry to the table, whose teardown frees it after cancelling (an atomic store:
-        // fine at any IRQL).
-        if result.is_err() {
-            self.registry().orphan();
+        let in_callback = self.registry().delivering_on_current_thread();
+        let early = if in_callback {
+            Err(Error::CancelFromCallback)
+        } else {
+            irql::check::<S::Kernel>("TeredoPortWatcher::unregister", IrqlBound::Passive)
+        };
+        if let Err(e) = early {
+            // The callers (`unregister`, `Drop`) never use the watcher again: silence the
+            // subscribers now, at any IRQL, then give the registry to the table.
+            self.registry().silence();
+            // Freed here only where user destructors may run: not inside a callback of it,
+            // not at DISPATCH_LEVEL (then the next teardown frees it).
+            let may_free = !in_callback
+                && <S::Kernel as crate::Kernel>::current_irql() < crate::Irql::DISPATCH_LEVEL;
+            match self.table.give_up(self.entry, may_free) {
+                Some(registry) => {
+                    // SAFETY: `give_up` freed the entry of a registration the teardown had
+                    // cancelled, so the OS no longer uses the registry and no callback of it
+                    // runs (cancel waited), and this thread is not inside one (`may_free`);
+                    // it came from `Box::leak` (type invariant) and is freed once, here.
+                    drop(unsafe { Box::from_raw(registry.as_ptr()) });
+                }
+                None => {
+                    // Left to the teardown (orphaned under the lock already), or above
+                    // DISPATCH_LEVEL, where `give_up` could not take the lock: orphaned
+                    // without it (a teardown that already passed it leaks it).
+                    self.registry().orphan();
+                }
+            }
+            return Err(e);
         }
-        result
-    }
-
-    fn try_release(&mut self) -> Result<(), Error> {
-        if self.registry().delivering_on_current_thread() {
-            return Err(Error::CancelFromCallback);
-        }
-        irql::check::<S::Kernel>("TeredoPortWatcher::unregister", IrqlBound::Passive)?;
+        // On failure `release` silenced and orphaned the registry under the table's lock.
         self.table.release(self.entry)?;
         // SAFETY: `release` returned Ok, so the OS no longer uses the registry and no
         // callback is running (cancel waits); it came from `Box::leak` (type invariant) and

@@ -153,10 +153,13 @@ fn cancelling_from_inside_its_own_callback_is_refused_not_deadlocked() {
         Some(Err(Error::CancelFromCallback))
     );
     assert_eq!(netio.self_cancel_reports(), 0, "never reached the OS");
-    // The registration is still live (leaked, not freed) and still delivers.
+    // The registration is still live (given up to the table, not freed): netio still
+    // delivers to it, but its subscribers were silenced when the watcher gave it up.
+    let delivered_before = netio.registrations()[0].delivered;
     netio.client().restart();
     netio.wait_idle();
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(netio.registrations()[0].delivered, delivered_before + 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "a given-up watcher's subscriber ran");
     let report = SELF_TABLE.teardown().expect("passive");
     assert_eq!(report.cancelled, 1);
     assert_eq!(netio.live_registrations(), 0);

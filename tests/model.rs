@@ -155,8 +155,9 @@ fn port(raw: u16) -> Option<TeredoPort> {
     TeredoPort::new(raw)
 }
 
-/// The event for a raw notification, per `MIB_NOTIFICATION_TYPE`.
-fn model_event(raw_port: u16, kind: i32) -> TeredoEvent {
+/// The event for a raw notification, per `MIB_NOTIFICATION_TYPE`, when the last known port
+/// was `previous`: every event carries the port after it.
+fn model_event(previous: Option<TeredoPort>, raw_port: u16, kind: i32) -> TeredoEvent {
     match kind {
         0 => TeredoEvent::PortChanged {
             port: port(raw_port),
@@ -165,12 +166,13 @@ fn model_event(raw_port: u16, kind: i32) -> TeredoEvent {
             port: port(raw_port),
         },
         2 => TeredoEvent::Deleted {
-            port: port(raw_port),
+            previous: port(raw_port),
         },
-        3 => TeredoEvent::Initial,
+        3 => TeredoEvent::Initial { port: previous },
         raw_type => TeredoEvent::Unknown {
             raw_type,
-            port: port(raw_port),
+            raw_port,
+            port: previous,
         },
     }
 }
@@ -285,9 +287,10 @@ impl Model {
             .collect();
         for w in registered {
             let w = &mut self.watchers[w];
+            let event = model_event(w.port, raw_port, kind);
             w.port = model_apply(w.port, raw_port, kind);
             for s in w.subs.iter_mut().filter(|s| s.live) {
-                s.expected.push(model_event(raw_port, kind));
+                s.expected.push(event);
             }
         }
     }
@@ -496,16 +499,21 @@ fn step<'t>(
                         mw.subs.push(ModelSub {
                             live: true,
                             expected: if initial {
-                                vec![TeredoEvent::Initial]
+                                vec![TeredoEvent::Initial { port: None }]
                             } else {
                                 vec![]
                             },
                         });
                     }
                     model.watchers.push(mw);
-                    if seed {
-                        if let Ok(p) = model.get_port() {
-                            model.watchers[index].port = p;
+                    // A seed that finds a port tells the subscribers installed so far.
+                    if seed
+                        && let Ok(Some(p)) = model.get_port()
+                    {
+                        let w = &mut model.watchers[index];
+                        w.port = Some(p);
+                        for s in w.subs.iter_mut().filter(|s| s.live) {
+                            s.expected.push(TeredoEvent::Snapshot { port: Some(p) });
                         }
                     }
                     let mut rw = RealWatcher {
@@ -551,16 +559,15 @@ fn step<'t>(
                         model.entries[entry] = ModelEntry::Free;
                         Ok(())
                     }
-                    // The registration stays live (leaked to the table for its teardown):
-                    // its subscribers keep receiving notifications.
+                    // The registration stays live (given up to the table for its teardown),
+                    // and its subscribers are silenced at once.
                     Err(e) => Err(e),
                 },
                 ModelEntry::Free => unreachable!("alive watcher without entry"),
             };
-            if matches!(model.entries[entry], ModelEntry::Free) {
-                for s in &mut model.watchers[wi].subs {
-                    s.live = false;
-                }
+            // Whatever the outcome, a dropped watcher's subscribers are never called again.
+            for s in &mut model.watchers[wi].subs {
+                s.live = false;
             }
             if explicit {
                 ensure(got == expected, || {

@@ -29,7 +29,7 @@ fn initial_notification_reaches_the_first_subscriber_before_new_returns() {
         TeredoPortWatcher::with_subscriber(&table, options(true), recorder.subscriber())
             .expect("register");
     // The mock delivers the initial notification before NotifyTeredoPortChange returns.
-    assert_eq!(recorder.events(), vec![TeredoEvent::Initial]);
+    assert_eq!(recorder.events(), vec![TeredoEvent::Initial { port: None }]);
     // The initial notification's port 0 is never surfaced as a port.
     assert_eq!(watcher.current_port(), None);
     assert_eq!(watcher.stats().notifications, 1);
@@ -80,7 +80,7 @@ fn client_start_restart_stop_produce_typed_events_and_track_the_port() {
                 port: TeredoPort::new(p2)
             },
             TeredoEvent::Deleted {
-                port: TeredoPort::new(p2)
+                previous: TeredoPort::new(p2)
             },
         ]
     );
@@ -106,7 +106,8 @@ fn unknown_notification_types_are_kept_raw_and_do_not_change_the_port() {
             *event,
             TeredoEvent::Unknown {
                 raw_type: raw,
-                port: TeredoPort::new(40_000)
+                raw_port: 40_000,
+                port: TeredoPort::new(port)
             }
         );
     }

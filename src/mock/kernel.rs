@@ -4,6 +4,11 @@ use core::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::sync::atomic::{AtomicBool, Ordering as LockOrdering};
+use std::sync::PoisonError;
+#[cfg(not(teredo_watcher_loom))]
+use std::sync::{Condvar, Mutex, MutexGuard};
+#[cfg(teredo_watcher_loom)]
+use loom::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::irql::{Irql, IrqlBound};
 use crate::kernel::{Kernel, ThreadToken};
@@ -35,6 +40,47 @@ loom::thread_local! {
 
 static NEXT_TOKEN: AtomicUsize = AtomicUsize::new(1);
 static VIOLATIONS: AtomicUsize = AtomicUsize::new(0);
+static WAITS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the library slept on a mock kernel event (`KeWaitForSingleObject`),
+/// process-wide: waits for a round or a cancel in progress on another thread.
+pub fn event_waits() -> usize {
+    WAITS.load(Ordering::SeqCst)
+}
+
+/// The mock `KEVENT`: a notification event on a mutex and a condition variable (loom's
+/// under `--cfg teredo_watcher_loom`). Each operation checks its documented IRQL and that the
+/// event was initialized.
+pub struct MockEvent {
+    initialized: AtomicBool,
+    signalled: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl MockEvent {
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        #[cfg(not(teredo_watcher_loom))]
+        {
+            self.signalled.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+        #[cfg(teredo_watcher_loom)]
+        {
+            self.signalled.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    fn check(&self, routine: &str, bound: IrqlBound) {
+        let irql = MockKernel::current_irql();
+        assert!(
+            bound.allows(irql),
+            "mock kernel: {routine} at {irql}; the documentation requires IRQL {bound}"
+        );
+        assert!(
+            self.initialized.load(LockOrdering::Acquire),
+            "mock kernel: {routine} on an event that KeInitializeEvent never initialized"
+        );
+    }
+}
 
 /// Sets this thread's policy for IRQL violations reported by the library.
 pub fn set_violation_policy(policy: ViolationPolicy) {
@@ -139,17 +185,50 @@ unsafe impl Kernel for MockKernel {
         });
     }
 
-    fn relax() {
-        assert!(
-            Self::current_irql() < Irql::DISPATCH_LEVEL,
-            "mock kernel: waiting at {} would hang a real kernel",
-            Self::current_irql()
-        );
-        // Under loom a wait loop must yield to loom's scheduler, or the model never ends.
-        #[cfg(not(teredo_watcher_loom))]
-        std::thread::yield_now();
-        #[cfg(teredo_watcher_loom)]
-        loom::thread::yield_now();
+    type Event = MockEvent;
+
+    #[cfg(not(teredo_watcher_loom))]
+    const EVENT: MockEvent = MockEvent {
+        initialized: AtomicBool::new(false),
+        signalled: Mutex::new(false),
+        changed: Condvar::new(),
+    };
+
+    #[cfg(teredo_watcher_loom)]
+    fn new_event() -> MockEvent {
+        MockEvent {
+            initialized: AtomicBool::new(false),
+            signalled: Mutex::new(false),
+            changed: Condvar::new(),
+        }
+    }
+
+    unsafe fn event_init(event: &MockEvent) {
+        *event.lock() = false;
+        event.initialized.store(true, LockOrdering::Release);
+    }
+
+    unsafe fn event_set(event: &MockEvent) {
+        event.check("KeSetEvent", IrqlBound::AtMostDispatch);
+        *event.lock() = true;
+        event.changed.notify_all();
+    }
+
+    unsafe fn event_clear(event: &MockEvent) {
+        event.check("KeClearEvent", IrqlBound::AtMostDispatch);
+        *event.lock() = false;
+    }
+
+    unsafe fn event_wait(event: &MockEvent) {
+        event.check("KeWaitForSingleObject", IrqlBound::BelowDispatch);
+        WAITS.fetch_add(1, Ordering::Relaxed);
+        let mut signalled = event.lock();
+        while !*signalled {
+            signalled = event
+                .changed
+                .wait(signalled)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     fn irql_violation(operation: &'static str, current: Irql, required: IrqlBound) {

@@ -16,7 +16,7 @@ mod kernel;
 mod netio;
 
 pub use kernel::{
-    IrqlGuard, MockKernel, ViolationPolicy, irql_violations, raise_irql, set_violation_policy,
-    with_irql,
+    IrqlGuard, MockEvent, MockKernel, ViolationPolicy, event_waits, irql_violations, raise_irql,
+    set_violation_policy, with_irql,
 };
-pub use netio::{MockNetio, RegistrationInfo, TeredoClient};
+pub use netio::{InitialDelivery, MockNetio, RegistrationInfo, STATUS_POSSIBLE_DEADLOCK, TeredoClient};

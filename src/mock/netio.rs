@@ -28,18 +28,45 @@ struct Registration {
     callback: TeredoPortChangeCallback,
     context: Context,
     queue: VecDeque<(u16, i32)>,
-    in_flight: bool,
+    /// The worker does not deliver while this is set (an initial notification held back
+    /// until `notify` returns or until the next `GetTeredoPort`).
+    held: bool,
+    /// The thread running the callback now, if one is.
+    in_flight: Option<ThreadId>,
     cancelled: bool,
     delivered: u64,
-    thread: Option<ThreadId>,
     worker: Option<JoinHandle<()>>,
+}
+
+/// When the mock delivers the initial notification (`InitialNotification = TRUE`). The
+/// documentation only says it comes "immediately after registration"; Windows may deliver it
+/// before `NotifyTeredoPortChange` returns or after, from another thread. Each order can be
+/// chosen, so tests can run each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InitialDelivery {
+    /// On the registration's delivery thread, while `NotifyTeredoPortChange` waits for it:
+    /// before the handle is written back.
+    #[default]
+    BeforeReturn,
+    /// On the calling thread, inside `NotifyTeredoPortChange`, before the handle is written
+    /// back.
+    CallerThread,
+    /// On the delivery thread, released just as `NotifyTeredoPortChange` returns: it runs
+    /// concurrently with whatever the caller does next.
+    AfterReturn,
+    /// Held until the next `GetTeredoPort` call, which delivers it on the delivery thread and
+    /// waits for it before answering: the initial notification arrives while the seed runs.
+    DuringQuery,
 }
 
 #[derive(Default)]
 struct Faults {
     notify: VecDeque<i32>,
+    notify_null_handle: usize,
     query: VecDeque<i32>,
+    query_port: VecDeque<u16>,
     cancel: VecDeque<i32>,
+    cancel_after_wait: VecDeque<i32>,
 }
 
 struct State {
@@ -47,6 +74,8 @@ struct State {
     next_port: u16,
     ipv6: bool,
     callback_irql: Irql,
+    initial_delivery: InitialDelivery,
+    overlapping_invocations: usize,
     next_handle: usize,
     registrations: BTreeMap<usize, Registration>,
     faults: Faults,
@@ -173,6 +202,8 @@ impl MockNetio {
                     next_port: 49_152,
                     ipv6: true,
                     callback_irql: Irql::PASSIVE_LEVEL,
+                    initial_delivery: InitialDelivery::BeforeReturn,
+                    overlapping_invocations: 0,
                     next_handle: 0x1000,
                     registrations: BTreeMap::new(),
                     faults: Faults::default(),
@@ -242,6 +273,65 @@ impl MockNetio {
         }
     }
 
+    /// Makes the next `NotifyTeredoPortChange` register the callback (it stays registered
+    /// and is notified like any other) but return success with a NULL handle, which cannot be
+    /// cancelled. [`NetioPortSource`](crate::nt::NetioPortSource) turns that into
+    /// [`Error::InvalidHandle`] with status 0, and so does the mock.
+    pub fn notify_null_handle_next(&self) {
+        self.shared.lock().faults.notify_null_handle += 1;
+    }
+
+    /// Makes the next `GetTeredoPort` succeed with `port`, whatever the client does (0 is
+    /// allowed: a success that reports no port). Queued.
+    pub fn query_returns_next(&self, port: u16) {
+        self.shared.lock().faults.query_port.push_back(port);
+    }
+
+    /// Makes the next `CancelMibChangeNotify2` wait for a callback of that registration in
+    /// flight, as it does when it succeeds, and then fail with `status`, leaving the
+    /// registration live. Queued.
+    pub fn fail_next_cancel_after_wait(&self, status: i32) {
+        self.shared.lock().faults.cancel_after_wait.push_back(status);
+    }
+
+    /// Chooses when the initial notification is delivered (see [`InitialDelivery`]).
+    pub fn set_initial_delivery(&self, order: InitialDelivery) {
+        self.shared.lock().initial_delivery = order;
+    }
+
+    /// Breaks the API's contract on purpose: invokes the callback of `handle` now, on the
+    /// calling thread, even while another invocation of it is in flight (an overlapping
+    /// invocation). Returns `false` (and calls nothing) if the registration is not live.
+    #[allow(clippy::must_use_candidate, reason = "tests may not care")]
+    pub fn invoke_overlapping(&self, handle: RawHandle, port: u16, notification_type: i32) -> bool {
+        let s = self.shared.lock();
+        let Some(reg) = s.registrations.get(&handle.get()) else {
+            return false;
+        };
+        if reg.cancelled {
+            return false;
+        }
+        let (callback, context, irql) = (reg.callback, reg.context, s.callback_irql);
+        drop(s);
+        {
+            let _irql = raise_irql(irql);
+            // SAFETY: `notify`'s caller guaranteed `callback(context, ..)` is sound to call
+            // from any thread until a cancel succeeds, and the registration is not cancelled.
+            // The call may overlap another one: that is what this function is for (the
+            // library must survive it).
+            unsafe { callback(context.0, port, notification_type) };
+        }
+        let mut s = self.shared.lock();
+        s.overlapping_invocations += 1;
+        true
+    }
+
+    /// How many overlapping invocations [`invoke_overlapping`](Self::invoke_overlapping) made.
+    #[must_use]
+    pub fn overlapping_invocations(&self) -> usize {
+        self.shared.lock().overlapping_invocations
+    }
+
     /// Sets whether an IPv6 stack is present (without it, `GetTeredoPort` fails with
     /// `STATUS_NOT_SUPPORTED`).
     pub fn set_ipv6(&self, present: bool) {
@@ -267,7 +357,7 @@ impl MockNetio {
         while s
             .registrations
             .values()
-            .any(|r| !r.cancelled && (r.in_flight || !r.queue.is_empty()))
+            .any(|r| !r.cancelled && (r.in_flight.is_some() || (!r.held && !r.queue.is_empty())))
         {
             s = self.shared.wait(s);
         }
@@ -339,11 +429,15 @@ impl MockNetio {
             if reg.cancelled {
                 return;
             }
+            if reg.held || reg.in_flight.is_some() {
+                s = shared.wait(s);
+                continue;
+            }
             let Some((port, kind)) = reg.queue.pop_front() else {
                 s = shared.wait(s);
                 continue;
             };
-            reg.in_flight = true;
+            reg.in_flight = Some(thread::current().id());
             let (callback, context) = (reg.callback, reg.context);
             drop(s);
             {
@@ -355,7 +449,7 @@ impl MockNetio {
             }
             s = shared.lock();
             if let Some(reg) = s.registrations.get_mut(&handle) {
-                reg.in_flight = false;
+                reg.in_flight = None;
                 reg.delivered += 1;
             }
             shared.changed.notify_all();
@@ -363,10 +457,13 @@ impl MockNetio {
     }
 }
 
-// SAFETY: the mock keeps the documented contract: one delivery thread per registration
-// (serialized), at the configured IRQL (<= DISPATCH_LEVEL), context passed unchanged; cancel
-// marks the registration cancelled (nothing new starts), waits for `in_flight`, then joins
-// the thread; a failed `notify` registers nothing.
+// SAFETY: the mock keeps the documented contract: one delivery thread per registration, and
+// an initial notification on the calling thread only before that thread starts (serialized:
+// `in_flight` admits one invocation at a time, except `invoke_overlapping`, which exists to
+// break the contract on purpose), at the configured IRQL (<= DISPATCH_LEVEL) or the caller's
+// (< DISPATCH_LEVEL), context passed unchanged; cancel marks the registration cancelled
+// (nothing new starts), waits for the invocation in flight, then joins the thread; a failed
+// `notify` registers nothing, except the documented "success with a NULL handle".
 unsafe impl PortSource for MockNetio {
     type Kernel = MockKernel;
 
@@ -382,26 +479,48 @@ unsafe impl PortSource for MockNetio {
         if let Some(status) = s.faults.notify.pop_front() {
             Error::check(NetioCall::NotifyTeredoPortChange, status)?;
         }
+        let null_handle = s.faults.notify_null_handle > 0;
+        if null_handle {
+            s.faults.notify_null_handle -= 1;
+        }
+        let order = s.initial_delivery;
         let handle = s.next_handle;
         s.next_handle += 4;
         let mut queue = VecDeque::new();
-        if initial_notification {
+        let inline = initial_notification && order == InitialDelivery::CallerThread;
+        if initial_notification && !inline {
             queue.push_back((0, sys::MIB_INITIAL_NOTIFICATION));
         }
+        let held = initial_notification
+            && matches!(
+                order,
+                InitialDelivery::AfterReturn | InitialDelivery::DuringQuery
+            );
         s.registrations.insert(
             handle,
             Registration {
                 callback,
                 context: Context(context),
                 queue,
-                in_flight: false,
+                held,
+                in_flight: inline.then(|| thread::current().id()),
                 cancelled: false,
                 delivered: 0,
-                thread: None,
                 worker: None,
             },
         );
         drop(s);
+        if inline {
+            // SAFETY: `notify`'s contract makes `callback(context, ..)` sound from now on;
+            // the delivery thread does not exist yet, so this invocation is the only one.
+            unsafe { callback(context, 0, sys::MIB_INITIAL_NOTIFICATION) };
+            let mut s = self.shared.lock();
+            if let Some(reg) = s.registrations.get_mut(&handle) {
+                reg.in_flight = None;
+                reg.delivered += 1;
+            }
+            self.shared.changed.notify_all();
+        }
         let shared = Arc::clone(&self.shared);
         let worker = thread::Builder::new()
             .name(std::format!("mock-netio-{handle:#x}"))
@@ -421,18 +540,31 @@ unsafe impl PortSource for MockNetio {
                 call: NetioCall::NotifyTeredoPortChange,
                 status: crate::NetioStatus(sys::ERROR_INVALID_HANDLE),
             })?;
-        reg.thread = Some(worker.thread().id());
         reg.worker = Some(worker);
-        // The initial notification runs before the handle is written back, as the real API
-        // allows: the caller's context must already be complete.
-        while s
-            .registrations
-            .get(&handle)
-            .is_some_and(|r| r.delivered == 0 && initial_notification && !r.cancelled)
-        {
-            s = self.shared.wait(s);
+        if initial_notification && order == InitialDelivery::BeforeReturn {
+            // Before the handle is written back, as the real API allows: the caller's
+            // context must already be complete.
+            while s
+                .registrations
+                .get(&handle)
+                .is_some_and(|r| r.delivered == 0 && !r.cancelled)
+            {
+                s = self.shared.wait(s);
+            }
         }
+        if order == InitialDelivery::AfterReturn
+            && let Some(reg) = s.registrations.get_mut(&handle)
+        {
+            reg.held = false;
+        }
+        self.shared.changed.notify_all();
         drop(s);
+        if null_handle {
+            return Err(Error::InvalidHandle {
+                call: NetioCall::NotifyTeredoPortChange,
+                status: crate::NetioStatus(sys::STATUS_SUCCESS),
+            });
+        }
         RawHandle::new(handle).ok_or(Error::InvalidHandle {
             call: NetioCall::NotifyTeredoPortChange,
             status: crate::NetioStatus(0),
@@ -443,8 +575,29 @@ unsafe impl PortSource for MockNetio {
         Self::check_irql("GetTeredoPort", IrqlBound::BelowDispatch);
         let mut s = self.shared.lock();
         s.calls[1] += 1;
+        // Initial notifications held for this call are delivered now, and the answer waits
+        // for them (`InitialDelivery::DuringQuery`).
+        let mut released = Vec::new();
+        for (handle, reg) in &mut s.registrations {
+            if reg.held && !reg.cancelled {
+                reg.held = false;
+                released.push(*handle);
+            }
+        }
+        self.shared.changed.notify_all();
+        while s.registrations.iter().any(|(h, r)| {
+            released.contains(h)
+                && !r.cancelled
+                && r.in_flight != Some(thread::current().id())
+                && (r.in_flight.is_some() || r.delivered == 0)
+        }) {
+            s = self.shared.wait(s);
+        }
         if let Some(status) = s.faults.query.pop_front() {
             Error::check(NetioCall::GetTeredoPort, status)?;
+        }
+        if let Some(port) = s.faults.query_port.pop_front() {
+            return Ok(port);
         }
         if !s.ipv6 {
             return Err(Error::from_status(
@@ -478,13 +631,30 @@ unsafe impl PortSource for MockNetio {
                 sys::ERROR_INVALID_HANDLE,
             ));
         }
-        if reg.thread == Some(me) {
+        if reg.in_flight == Some(me) {
             s.self_cancels += 1;
             return Err(Error::from_status(
                 NetioCall::CancelMibChangeNotify2,
                 STATUS_POSSIBLE_DEADLOCK,
             ));
         }
+        if let Some(status) = s.faults.cancel_after_wait.pop_front() {
+            // Wait for the invocation in flight, as a cancel does, then fail: still live.
+            while s
+                .registrations
+                .get(&handle.get())
+                .is_some_and(|r| r.in_flight.is_some())
+            {
+                s = self.shared.wait(s);
+            }
+            return Err(Error::from_status(NetioCall::CancelMibChangeNotify2, status));
+        }
+        let Some(reg) = s.registrations.get_mut(&handle.get()) else {
+            return Err(Error::from_status(
+                NetioCall::CancelMibChangeNotify2,
+                sys::ERROR_INVALID_HANDLE,
+            ));
+        };
         reg.cancelled = true;
         let dropped = reg.queue.len();
         reg.queue.clear();
@@ -493,7 +663,7 @@ unsafe impl PortSource for MockNetio {
         while s
             .registrations
             .get(&handle.get())
-            .is_some_and(|r| r.in_flight)
+            .is_some_and(|r| r.in_flight.is_some())
         {
             s = self.shared.wait(s);
         }

@@ -128,7 +128,7 @@ impl fmt::Display for Port {
 fn event_logger<K: Kernel>() -> impl FnMut(TeredoEvent) + Send + 'static {
     let mut seen: u32 = 0;
     move |event| {
-        seen = seen.wrapping_add(1);
+        seen = seen.saturating_add(1);
         log!(
             "event #{seen}: {} port={} at {}",
             event_name(&event),

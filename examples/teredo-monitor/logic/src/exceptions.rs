@@ -54,16 +54,19 @@ impl ExceptionTracker {
         self.changes
     }
 
-    /// Applies one event. A deletion closes the dynamic port; the initial notification and
-    /// unknown types leave it as it is.
+    /// Applies one event: the dynamic port allowed becomes `event.port()`, the port after
+    /// the event (a deletion closes it; the initial notification and unknown types carry the
+    /// port as it was).
     pub fn update(&mut self, event: TeredoEvent) -> ExceptionChange {
         let before = self.applied.dynamic_port;
-        let after = event.apply(before);
+        let after = event.port();
         if after == before {
             return ExceptionChange::Unchanged;
         }
         self.applied = TeredoExceptions::for_port(after);
-        self.changes += 1;
+        // Saturating: a counter on the callback path must never panic (debug builds) nor
+        // wrap into a smaller count.
+        self.changes = self.changes.saturating_add(1);
         ExceptionChange::Updated {
             opened: after,
             closed: before,
@@ -81,12 +84,12 @@ impl Default for ExceptionTracker {
 #[must_use]
 pub fn event_name(event: &TeredoEvent) -> &'static str {
     match event {
-        TeredoEvent::Initial => "MibInitialNotification (registration confirmed)",
+        TeredoEvent::Initial { .. } => "MibInitialNotification (registration confirmed)",
         TeredoEvent::PortChanged { .. } => "MibParameterNotification (port changed)",
         TeredoEvent::Added { .. } => "MibAddInstance (client started)",
         TeredoEvent::Deleted { .. } => "MibDeleteInstance (client stopped)",
         TeredoEvent::Unknown { .. } => "unknown notification type",
-        TeredoEvent::Snapshot { .. } => "snapshot (state at subscription)",
+        TeredoEvent::Snapshot { .. } => "snapshot (current state: subscription, seed, coalesced)",
     }
 }
 
@@ -112,7 +115,7 @@ mod tests {
     #[test]
     fn follows_start_restart_stop() {
         let mut t = ExceptionTracker::new();
-        assert_eq!(t.update(TeredoEvent::Initial), ExceptionChange::Unchanged);
+        assert_eq!(t.update(TeredoEvent::Initial { port: None }), ExceptionChange::Unchanged);
         assert_eq!(
             t.update(TeredoEvent::Added { port: port(49_152) }),
             ExceptionChange::Updated {
@@ -130,7 +133,7 @@ mod tests {
         );
         assert!(!t.applied().allows_udp_port(49_152));
         assert_eq!(
-            t.update(TeredoEvent::Deleted { port: port(49_159) }),
+            t.update(TeredoEvent::Deleted { previous: port(49_159) }),
             ExceptionChange::Updated {
                 opened: None,
                 closed: port(49_159)
@@ -145,9 +148,12 @@ mod tests {
     fn unknown_types_and_repeats_change_nothing() {
         let mut t = ExceptionTracker::new();
         t.update(TeredoEvent::Snapshot { port: port(50_000) });
+        // An unknown type carries the port as it was (what the watcher delivers), whatever
+        // raw port the OS passed with it.
         let unknown = TeredoEvent::Unknown {
             raw_type: 42,
-            port: port(1),
+            raw_port: 1,
+            port: port(50_000),
         };
         assert_eq!(t.update(unknown), ExceptionChange::Unchanged);
         assert_eq!(
