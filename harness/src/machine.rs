@@ -94,6 +94,8 @@ impl Machine {
             })
             .unwrap_or_default();
         kernel::reset((image.base(), image.size()), echo);
+        #[cfg(target_os = "linux")]
+        kernel::trap::watch_code(0, image.base(), image.size());
         let buffer: Vec<u16> =
             "\\Registry\\Machine\\System\\CurrentControlSet\\Services\\teredo_monitor"
                 .encode_utf16()

@@ -69,6 +69,8 @@ pub mod netio;
 pub mod object;
 pub mod pool;
 pub mod strings;
+#[cfg(target_os = "linux")]
+pub mod trap;
 pub mod wait;
 pub mod workitem;
 
@@ -151,6 +153,8 @@ pub const SPIN_LOCK_ALREADY_OWNED: u32 = 0x0F;
 pub const SPIN_LOCK_NOT_OWNED: u32 = 0x10;
 /// `REFERENCE_BY_POINTER`: an object's reference count went below zero.
 pub const REFERENCE_BY_POINTER: u32 = 0x18;
+/// `KMODE_EXCEPTION_NOT_HANDLED`: a fault in driver code nothing handled.
+pub const KMODE_EXCEPTION_NOT_HANDLED: u32 = 0x1E;
 /// `DRIVER_VERIFIER_DETECTED_VIOLATION`.
 pub const DRIVER_VERIFIER_DETECTED_VIOLATION: u32 = 0xC4;
 /// `IRQL_UNEXPECTED_VALUE`: a callback returned at another IRQL than it was called at.
