@@ -5,7 +5,12 @@
 //! they are passed on this one command line, with `--no-default-features --features
 //! kernel-shim` (no windows-drivers-rs crate in the graph), into a target directory of the
 //! harness's own.
+//!
+//! The image depends on the sources only: the build reads them through [`BUILD_ROOT`] and
+//! remaps that path and the cargo home in file names ([`rustflags_in`]), so two clones at
+//! different paths build the same bytes (`tests/image_reproducible.rs`).
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -13,14 +18,52 @@ use std::sync::OnceLock;
 /// The Windows target the driver is built for.
 pub const TARGET: &str = "x86_64-pc-windows-msvc";
 
-/// The linker arguments of a kernel-mode driver image.
-pub const LINK_ARGS: [&str; 5] = [
-    "/SUBSYSTEM:NATIVE",
+/// The linker arguments of a kernel-mode driver image: those `wdk-build`'s
+/// `configure_wdk_binary_build` passes for a WDM driver, in its order, then `/RELEASE`.
+///
+/// rust-lld accepts all of them. `/KERNEL` has no effect there (MSVC's link checks that
+/// every object was compiled with `/kernel`; rustc objects never are, hence `/IGNORE:4257`
+/// in the WDK flow); `/MAP` writes `teredo_monitor.map` beside the image. The last three are
+/// ours: `/RELEASE` writes the PE checksum (the WDK's `MSBuild` targets set one for drivers);
+/// `/Brepro` stamps the header with a hash of the content instead of the time of the link;
+/// `/DEBUG:NONE` writes no PDB, so the image has no debug directory, whose signature would
+/// hash the target directory's paths.
+pub const LINK_ARGS: [&str; 17] = [
     "/DRIVER",
-    "/ENTRY:DriverEntry",
     "/NODEFAULTLIB",
+    "/SUBSYSTEM:NATIVE",
+    "/KERNEL",
+    "/ENTRY:DriverEntry",
+    "/IGNORE:4257",
+    "/IGNORE:4216",
+    "/NXCOMPAT",
+    "/DYNAMICBASE",
+    "/MAP",
+    "/MAPINFO:EXPORTS",
+    "/OPT:REF,ICF",
+    "/INTEGRITYCHECK",
+    "/MANIFEST:NO",
     "/RELEASE",
+    "/Brepro",
+    "/DEBUG:NONE",
 ];
+
+/// The fixed path every build of the image reads its sources through: a symbolic link to
+/// the clone being built, re-pointed under [`BUILD_ROOT_LOCK`].
+///
+/// Cargo hashes the absolute path of a path dependency that lies outside the building
+/// workspace into its `-C metadata` (here the library, `../..` from the driver's own
+/// workspace); that hash reaches every symbol name and so the order of the functions in the
+/// image. Through one fixed path, clones anywhere on the machine build the same bytes.
+pub const BUILD_ROOT: &str = "/tmp/teredo-harness-src";
+/// The lock file that serializes builds through [`BUILD_ROOT`].
+pub const BUILD_ROOT_LOCK: &str = "/tmp/teredo-harness-src.lock";
+
+/// What the source root is called in the image (panic locations, for instance) instead of
+/// its absolute path on the build machine.
+pub const REMAPPED_ROOT: &str = "teredo-watcher";
+/// What the cargo home (registry sources) is called in the image.
+pub const REMAPPED_CARGO_HOME: &str = "cargo-home";
 
 /// Which image to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,9 +111,70 @@ pub fn cargo_args() -> Vec<String> {
 /// The `cargo` command line that builds `variant`, without the program name.
 #[must_use]
 pub fn cargo_args_for(variant: Variant) -> Vec<String> {
-    let manifest = repository_root().join("examples/teredo-monitor/Cargo.toml");
-    let rustflags = std::iter::once("\"-Clinker-flavor=lld-link\"".to_owned())
-        .chain(LINK_ARGS.iter().map(|a| format!("\"-Clink-arg={a}\"")))
+    cargo_args_in(Path::new(BUILD_ROOT), variant)
+}
+
+/// `$CARGO_HOME`, else `$HOME/.cargo` (where cargo keeps registry sources).
+#[must_use]
+pub fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME").map_or_else(
+        || {
+            std::env::var_os("HOME").map_or_else(
+                || PathBuf::from(".cargo"),
+                |h| PathBuf::from(h).join(".cargo"),
+            )
+        },
+        PathBuf::from,
+    )
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The rustc flags of the driver build from the sources at `root`: lld-link, the static
+/// CRT (as the Windows flow's `.cargo/config.toml` sets it), [`LINK_ARGS`], and the path
+/// remappings that keep the build machine's paths out of the image.
+#[must_use]
+pub fn rustflags_in(root: &Path) -> Vec<String> {
+    [
+        "-Clinker-flavor=lld-link".to_owned(),
+        "-Ctarget-feature=+crt-static".to_owned(),
+    ]
+    .into_iter()
+    .chain(LINK_ARGS.iter().map(|a| format!("-Clink-arg={a}")))
+    .chain([
+        format!("--remap-path-prefix={}={REMAPPED_ROOT}", root.display()),
+        format!(
+            "--remap-path-prefix={}={REMAPPED_CARGO_HOME}",
+            cargo_home().display()
+        ),
+    ])
+    .collect()
+}
+
+/// The `cargo` command line that builds `variant` from the sources at `root` (a clone of
+/// this repository, or [`BUILD_ROOT`] pointing to one), without the program name.
+#[must_use]
+pub fn cargo_args_in(root: &Path, variant: Variant) -> Vec<String> {
+    let manifest = root.join("examples/teredo-monitor/Cargo.toml");
+    let rustflags = rustflags_in(root)
+        .iter()
+        .map(|f| toml_string(f))
         .collect::<Vec<_>>()
         .join(",");
     [
@@ -142,13 +246,38 @@ pub fn build_sys() -> Result<PathBuf, String> {
 ///
 /// The build's own output when it fails, or the I/O error.
 pub fn build_variant(variant: Variant) -> Result<PathBuf, String> {
+    build_in(
+        &repository_root(),
+        &target_dir().join(variant.dir()),
+        variant,
+    )
+}
+
+/// Builds `variant` from the sources at `root` into `target_dir` with the same command as
+/// [`build_variant`], and copies the image to `<target_dir>/teredo_monitor.sys`.
+///
+/// # Errors
+///
+/// The build's own output when it fails, or the I/O error.
+pub fn build_in(root: &Path, target_dir: &Path, variant: Variant) -> Result<PathBuf, String> {
     ensure_target();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(BUILD_ROOT_LOCK)
+        .map_err(|e| format!("opening {BUILD_ROOT_LOCK}: {e}"))?;
+    // Held until this function returns (the file closes): nobody re-points the link while
+    // cargo reads through it.
+    lock.lock()
+        .map_err(|e| format!("locking {BUILD_ROOT_LOCK}: {e}"))?;
+    point_build_root(root)?;
+    let build_root = Path::new(BUILD_ROOT);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target_dir = target_dir().join(variant.dir());
     let output = Command::new(cargo)
-        .args(cargo_args_for(variant))
-        .current_dir(repository_root())
-        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(cargo_args_in(build_root, variant))
+        .current_dir(build_root)
+        .env("CARGO_TARGET_DIR", target_dir)
         // The outer build's flags and wrappers (clippy's, coverage's) are not this build's.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -168,6 +297,27 @@ pub fn build_variant(variant: Variant) -> Result<PathBuf, String> {
     let sys = target_dir.join("teredo_monitor.sys");
     std::fs::copy(&built, &sys).map_err(|e| format!("copying {}: {e}", built.display()))?;
     Ok(sys)
+}
+
+/// Makes [`BUILD_ROOT`] a symbolic link to `root` (the caller holds [`BUILD_ROOT_LOCK`]).
+fn point_build_root(root: &Path) -> Result<(), String> {
+    let link = Path::new(BUILD_ROOT);
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    match std::fs::symlink_metadata(link) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            if std::fs::read_link(link).is_ok_and(|target| target == root) {
+                return Ok(());
+            }
+            std::fs::remove_file(link).map_err(|e| format!("removing {BUILD_ROOT}: {e}"))?;
+        }
+        Ok(_) => return Err(format!("{BUILD_ROOT} exists and is not a symbolic link")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{BUILD_ROOT}: {e}")),
+    }
+    std::os::unix::fs::symlink(&root, link)
+        .map_err(|e| format!("linking {BUILD_ROOT} to {}: {e}", root.display()))
 }
 
 /// The `.sys`, built once per process.
