@@ -159,7 +159,11 @@ fn cancelling_from_inside_its_own_callback_is_refused_not_deadlocked() {
     netio.client().restart();
     netio.wait_idle();
     assert_eq!(netio.registrations()[0].delivered, delivered_before + 1);
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "a given-up watcher's subscriber ran");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a given-up watcher's subscriber ran"
+    );
     let report = SELF_TABLE.teardown().expect("passive");
     assert_eq!(report.cancelled, 1);
     assert_eq!(netio.live_registrations(), 0);

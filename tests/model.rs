@@ -507,9 +507,7 @@ fn step<'t>(
                     }
                     model.watchers.push(mw);
                     // A seed that finds a port tells the subscribers installed so far.
-                    if seed
-                        && let Ok(Some(p)) = model.get_port()
-                    {
+                    if seed && let Ok(Some(p)) = model.get_port() {
                         let w = &mut model.watchers[index];
                         w.port = Some(p);
                         for s in w.subs.iter_mut().filter(|s| s.live) {

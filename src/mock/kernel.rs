@@ -4,11 +4,11 @@ use core::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::sync::atomic::{AtomicBool, Ordering as LockOrdering};
+#[cfg(teredo_watcher_loom)]
+use loom::sync::{Condvar, Mutex, MutexGuard};
 use std::sync::PoisonError;
 #[cfg(not(teredo_watcher_loom))]
 use std::sync::{Condvar, Mutex, MutexGuard};
-#[cfg(teredo_watcher_loom)]
-use loom::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::irql::{Irql, IrqlBound};
 use crate::kernel::{Kernel, ThreadToken};
@@ -61,11 +61,15 @@ impl MockEvent {
     fn lock(&self) -> MutexGuard<'_, bool> {
         #[cfg(not(teredo_watcher_loom))]
         {
-            self.signalled.lock().unwrap_or_else(PoisonError::into_inner)
+            self.signalled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
         }
         #[cfg(teredo_watcher_loom)]
         {
-            self.signalled.lock().unwrap_or_else(PoisonError::into_inner)
+            self.signalled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
         }
     }
 

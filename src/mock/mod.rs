@@ -19,4 +19,6 @@ pub use kernel::{
     IrqlGuard, MockEvent, MockKernel, ViolationPolicy, event_waits, irql_violations, raise_irql,
     set_violation_policy, with_irql,
 };
-pub use netio::{InitialDelivery, MockNetio, RegistrationInfo, STATUS_POSSIBLE_DEADLOCK, TeredoClient};
+pub use netio::{
+    InitialDelivery, MockNetio, RegistrationInfo, STATUS_POSSIBLE_DEADLOCK, TeredoClient,
+};

@@ -291,7 +291,11 @@ impl MockNetio {
     /// flight, as it does when it succeeds, and then fail with `status`, leaving the
     /// registration live. Queued.
     pub fn fail_next_cancel_after_wait(&self, status: i32) {
-        self.shared.lock().faults.cancel_after_wait.push_back(status);
+        self.shared
+            .lock()
+            .faults
+            .cancel_after_wait
+            .push_back(status);
     }
 
     /// Chooses when the initial notification is delivered (see [`InitialDelivery`]).
@@ -647,7 +651,10 @@ unsafe impl PortSource for MockNetio {
             {
                 s = self.shared.wait(s);
             }
-            return Err(Error::from_status(NetioCall::CancelMibChangeNotify2, status));
+            return Err(Error::from_status(
+                NetioCall::CancelMibChangeNotify2,
+                status,
+            ));
         }
         let Some(reg) = s.registrations.get_mut(&handle.get()) else {
             return Err(Error::from_status(
