@@ -272,6 +272,7 @@ pub fn build_in(root: &Path, target_dir: &Path, variant: Variant) -> Result<Path
     lock.lock()
         .map_err(|e| format!("locking {BUILD_ROOT_LOCK}: {e}"))?;
     point_build_root(root)?;
+    forget_other_roots(root, target_dir)?;
     let build_root = Path::new(BUILD_ROOT);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
@@ -318,6 +319,29 @@ fn point_build_root(root: &Path) -> Result<(), String> {
     }
     std::os::unix::fs::symlink(&root, link)
         .map_err(|e| format!("linking {BUILD_ROOT} to {}: {e}", root.display()))
+}
+
+/// Empties `target_dir` when it was last built from another root than `root`.
+///
+/// Cargo sees every clone under the same path ([`BUILD_ROOT`]) and decides freshness by
+/// modification times: a target directory built from one clone could take another clone's
+/// older files for unchanged. The file `source-root` in it names the clone it was built
+/// from.
+fn forget_other_roots(root: &Path, target_dir: &Path) -> Result<(), String> {
+    let marker = target_dir.join("source-root");
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    let wanted = root.as_os_str().as_encoded_bytes();
+    match std::fs::read(&marker) {
+        Ok(built_from) if built_from == wanted => return Ok(()),
+        Ok(_) => std::fs::remove_dir_all(target_dir)
+            .map_err(|e| format!("emptying {}: {e}", target_dir.display()))?,
+        Err(_) => {}
+    }
+    std::fs::create_dir_all(target_dir)
+        .and_then(|()| std::fs::write(&marker, wanted))
+        .map_err(|e| format!("writing {}: {e}", marker.display()))
 }
 
 /// The `.sys`, built once per process.
