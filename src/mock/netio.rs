@@ -556,8 +556,10 @@ unsafe impl PortSource for MockNetio {
                 s = self.shared.wait(s);
             }
         }
-        if order == InitialDelivery::AfterReturn
-            && let Some(reg) = s.registrations.get_mut(&handle)
+        if let Some(reg) = s
+            .registrations
+            .get_mut(&handle)
+            .filter(|_| order == InitialDelivery::AfterReturn)
         {
             reg.held = false;
         }
