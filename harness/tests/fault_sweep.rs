@@ -35,6 +35,10 @@
 //!   violation is `STATUS_INVALID_DEVICE_STATE`), the library's error text and the raw code
 //!   are in the driver's `DbgPrint` output; a seed failure still loads with the port unknown;
 //!   a cancel failure at unload is reported by the driver;
+//! - the driver's event log: event #1 is the initial notification (`port=none`); when the
+//!   seed reads the running client's port, event #2 is the seed's snapshot of it (delivered
+//!   on `DriverEntry`'s thread, before the driver logs the seed), and the first port change
+//!   is event #3; a failed seed delivers no snapshot and the change is event #2;
 //! - the netio calls made (none at `DISPATCH_LEVEL`);
 //! - pool: balanced, or, when the cancel fails for good, exactly the documented residue
 //!   (below);
@@ -263,6 +267,37 @@ fn logged(parts: &[&str]) -> bool {
         .any(|l| l.starts_with("teredo-monitor: ") && parts.iter().all(|p| l.contains(p)))
 }
 
+/// The driver's log lines that contain every one of `parts`.
+fn driver_lines(parts: &[&str]) -> Vec<String> {
+    kernel::debugger_output()
+        .into_iter()
+        .filter(|l| l.starts_with("teredo-monitor: ") && parts.iter().all(|p| l.contains(p)))
+        .collect()
+}
+
+/// The driver's log has, in this order (other lines between them allowed), a line with all
+/// parts of `lines[0]`, then one with all parts of `lines[1]`, and so on.
+fn ensure_in_order(lines: &[&[&str]]) -> Result<(), String> {
+    let output = kernel::debugger_output();
+    let mut from = 0;
+    for parts in lines {
+        let found = output[from..]
+            .iter()
+            .position(|l| l.starts_with("teredo-monitor: ") && parts.iter().all(|p| l.contains(p)));
+        match found {
+            Some(at) => from += at + 1,
+            None => {
+                return ensure(false, || {
+                    format!(
+                        "no driver line with all of {parts:?} after the lines of {lines:?} before it"
+                    )
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn ensure_logged(parts: &[&str]) -> Result<(), String> {
     ensure(logged(parts), || {
         format!("no driver line with all of {parts:?}")
@@ -396,7 +431,37 @@ fn run_cell(
         return Ok(format!("fail {}", hex(status)));
     }
 
-    ensure_logged(&["event #1: MibInitialNotification", &format!("at {cb}")])?;
+    ensure_logged(&[
+        "event #1: MibInitialNotification",
+        "port=none",
+        &format!("at {cb}"),
+    ])?;
+    // The client runs at load, so a successful seed installs its port and the library
+    // delivers a snapshot of it to the subscribers installed so far (the event logger), on
+    // the thread of `DriverEntry`, before the driver reports the seed; a failed seed installs
+    // nothing and delivers no snapshot.
+    let seed_fails = row == Row::Seed && fails;
+    let snapshots = driver_lines(&["event #", "snapshot"]);
+    if seed_fails {
+        ensure(snapshots.is_empty(), || {
+            format!("a failed seed delivered a snapshot: {snapshots:?}")
+        })?;
+    } else {
+        ensure_in_order(&[
+            &["event #1: MibInitialNotification"],
+            &[
+                "event #2: snapshot",
+                &format!("port=udp/{client_port}"),
+                &format!("at {}", irql_name(column.entry)),
+            ],
+            &["GetTeredoPort seeded port="],
+        ])?;
+        ensure(snapshots.len() == 1, || {
+            format!("one seed snapshot expected: {snapshots:?}")
+        })?;
+    }
+    // The event number of the first port change after the load.
+    let first_change = if seed_fails { 2 } else { 3 };
 
     if row.rollback() {
         return rollback_cell(&machine, entry_allocations, row, code, status);
@@ -448,7 +513,7 @@ fn run_cell(
     // A port change, delivered at the column's callback IRQL.
     let new_port = stop(machine.on_cpu("client restart", 0, kernel::client::start))?;
     ensure_logged(&[
-        "event #2: MibParameterNotification",
+        &format!("event #{first_change}: MibParameterNotification"),
         &format!("port=udp/{new_port}"),
         &format!("at {cb}"),
     ])?;
