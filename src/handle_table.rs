@@ -99,6 +99,8 @@ struct Inner<K: Kernel> {
     entries: Vec<Entry<K>>,
     /// Allocated with the entries' buffer, freed with it (module docs, "Waiting").
     waker: Option<Box<Event<K>>>,
+    /// Threads sleeping on `waker`: it is not freed while one is.
+    sleepers: usize,
     closed: bool,
 }
 
@@ -168,6 +170,7 @@ impl<S: PortSource> HandleTable<S> {
             inner: SpinLock::new(Inner {
                 entries: Vec::new(),
                 waker: None,
+                sleepers: 0,
                 closed: false,
             }),
             in_use: AtomicUsize::new(0),
@@ -184,6 +187,7 @@ impl<S: PortSource> HandleTable<S> {
             inner: SpinLock::new(Inner {
                 entries: Vec::new(),
                 waker: None,
+                sleepers: 0,
                 closed: false,
             }),
             in_use: AtomicUsize::new(0),
@@ -272,7 +276,6 @@ impl<S: PortSource> HandleTable<S> {
         loop {
             // Registrations and cancels in progress finish before we look.
             self.wait_while_in_progress(OP)?;
-            let mut tried_one = false;
             let mut index = 0;
             loop {
                 let handle = {
@@ -304,7 +307,6 @@ impl<S: PortSource> HandleTable<S> {
                     entry.state = EntryState::Cancelling;
                     handle
                 };
-                tried_one = true;
                 // SAFETY: we moved the entry from Live to Cancelling under the lock, so nobody
                 // else cancels this handle; it came from `notify` on this source; we are not
                 // in its callback (checked above).
@@ -336,7 +338,7 @@ impl<S: PortSource> HandleTable<S> {
             // A watcher may have started its own cancel while this pass ran (the entry was
             // `Cancelling` when the pass looked): wait for it and look again, since a failed
             // cancel puts it back to `Live`, for this teardown to try.
-            if !tried_one && self.count_in_progress(OP, false)? == 0 {
+            if !self.more_to_do(OP, attempted)? {
                 break;
             }
         }
@@ -359,19 +361,43 @@ impl<S: PortSource> HandleTable<S> {
             if !waits {
                 return Ok(());
             }
-            let Some(waker) = inner.waker.as_deref() else {
-                // No event means no buffer, hence no entry: not reached.
-                return Ok(());
-            };
-            waker.clear();
-            let waker: *const Event<S::Kernel> = waker;
-            drop(inner);
-            // SAFETY: the event is freed only with the entries' buffer, when every entry is
-            // `Free`; an entry in progress stays so until its owner (another thread) moves it
-            // under the lock and sets the event, so it is alive at least until then, and the
-            // buffer is not freed before this thread's next look under the lock.
-            unsafe { &*waker }.wait();
+            drop(self.sleep(inner, operation)?);
         }
+    }
+
+    /// Sleeps on the table's event until an entry leaves `Reserved` or `Cancelling`, then
+    /// takes the lock again. The caller found an entry in progress under `inner`.
+    fn sleep<'a>(
+        &'a self,
+        mut inner: SpinLockGuard<'a, S::Kernel, Inner<S::Kernel>>,
+        operation: &'static str,
+    ) -> Result<SpinLockGuard<'a, S::Kernel, Inner<S::Kernel>>, Error> {
+        let Some(waker) = inner.waker.as_deref() else {
+            // No event means no buffer, hence no entry in progress: nothing to wait for.
+            return Ok(inner);
+        };
+        // Under the lock: whoever moves an entry out of progress sets it after this.
+        waker.clear();
+        let waker: *const Event<S::Kernel> = waker;
+        inner.sleepers += 1;
+        drop(inner);
+        // SAFETY: the event is freed only by `take_buffer_if_unused`, which leaves it alone
+        // while `sleepers > 0`; this thread counted itself under the lock and uncounts itself
+        // under the lock below, so the event outlives this wait.
+        unsafe { &*waker }.wait();
+        let mut inner = self.lock(operation)?;
+        inner.sleepers -= 1;
+        Ok(inner)
+    }
+
+    /// Whether a teardown that tried the entries in `attempted` has more to do: an entry in
+    /// progress on another thread to wait for, or a `Live` one it has not tried yet.
+    fn more_to_do(&self, operation: &'static str, attempted: u64) -> Result<bool, Error> {
+        let inner = self.lock(operation)?;
+        Ok(inner.entries.iter().enumerate().any(|(i, e)| {
+            (e.state.in_progress() && !e.in_callback_on_current_thread())
+                || (matches!(e.state, EntryState::Live(_)) && attempted & (1u64 << i) == 0)
+        }))
     }
 
     /// How many entries are in progress whose callback the calling thread runs
@@ -562,14 +588,7 @@ impl<S: PortSource> HandleTable<S> {
                     }
                     EntryState::Cancelling => {
                         // The teardown is cancelling it: wait for the outcome.
-                        if let Some(waker) = inner.waker.as_deref() {
-                            waker.clear();
-                            let waker: *const Event<S::Kernel> = waker;
-                            drop(inner);
-                            // SAFETY: this entry is not `Free` (it is ours, `Cancelling`), so
-                            // the buffer and its event are not freed before we look again.
-                            unsafe { &*waker }.wait();
-                        }
+                        drop(self.sleep(inner, OP)?);
                         continue;
                     }
                     EntryState::Free | EntryState::Reserved => {
@@ -651,15 +670,15 @@ fn is_orphaned<K: Kernel>(entry: &Entry<K>) -> bool {
     })
 }
 
-/// The entries' buffer and the event when every entry is `Free`, taken out of the table so
-/// that the caller frees them after releasing the lock. No `EntryId` refers to a free entry
-/// and no thread waits on the event (nothing is in progress), so nothing uses them any more,
+/// The entries' buffer and the event when every entry is `Free` and no thread sleeps on the
+/// event, taken out of the table so that the caller frees them after releasing the lock. No
+/// `EntryId` refers to a free entry and no thread waits on the event, so nothing uses them,
 /// and a later registration allocates new ones. A `static` table (never dropped) would
 /// otherwise keep them in the pool after `DriverUnload` or a failed `DriverEntry`.
 fn take_buffer_if_unused<K: Kernel>(
     inner: &mut Inner<K>,
 ) -> (Vec<Entry<K>>, Option<Box<Event<K>>>) {
-    if inner.entries.iter().all(|e| e.state == EntryState::Free) {
+    if inner.sleepers == 0 && inner.entries.iter().all(|e| e.state == EntryState::Free) {
         (core::mem::take(&mut inner.entries), inner.waker.take())
     } else {
         (Vec::new(), None)

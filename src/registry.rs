@@ -764,3 +764,72 @@ pub(crate) unsafe extern "system" fn trampoline<K: Kernel>(
     let registry = unsafe { &*context.cast::<Registry<K>>() };
     registry.deliver(port, notification_type);
 }
+
+#[cfg(all(test, feature = "mock", not(teredo_watcher_loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};
+
+    use super::{GEN_SHIFT, Ordering, Registry};
+    use crate::Error;
+    use crate::mock::MockKernel;
+    use crate::sys::MIB_PARAMETER_NOTIFICATION;
+
+    fn counter(calls: &Arc<AtomicUsize>) -> impl FnMut(crate::TeredoEvent) + Send + 'static {
+        let calls = Arc::clone(calls);
+        move |_| {
+            calls.fetch_add(1, StdOrdering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_generation_that_wraps_never_silences_a_subscriber() {
+        let registry = Registry::<MockKernel>::new(2).expect("registry");
+        // The last generations before the 44-bit counter wraps to zero.
+        let near_wrap = (u64::MAX >> GEN_SHIFT) - 1;
+        registry
+            .state
+            .store(near_wrap << GEN_SHIFT, Ordering::SeqCst);
+        let calls = Arc::new(AtomicUsize::new(0));
+        registry
+            .subscribe(counter(&calls), false)
+            .expect("subscribe");
+        for port in 50_000..50_006 {
+            registry.deliver(port, MIB_PARAMETER_NOTIFICATION);
+        }
+        assert!(
+            super::gen_of(registry.state.load(Ordering::SeqCst)) < near_wrap,
+            "the generation wrapped"
+        );
+        assert_eq!(
+            calls.load(StdOrdering::SeqCst),
+            6,
+            "every round after the wrap"
+        );
+        // A subscriber that joins after the wrap, at a generation equal to an older one.
+        let late = Arc::new(AtomicUsize::new(0));
+        registry
+            .subscribe(counter(&late), false)
+            .expect("subscribe");
+        registry.deliver(50_010, MIB_PARAMETER_NOTIFICATION);
+        assert_eq!(late.load(StdOrdering::SeqCst), 1);
+        assert_eq!(calls.load(StdOrdering::SeqCst), 7);
+    }
+
+    #[test]
+    fn a_slot_whose_tag_would_wrap_is_retired_not_reused() {
+        let registry = Registry::<MockKernel>::new(1).expect("registry");
+        registry.slots[0].tag.store(u64::MAX - 1, Ordering::SeqCst);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let id = registry
+            .subscribe(counter(&calls), false)
+            .expect("subscribe");
+        registry.unsubscribe(id).expect("unsubscribe");
+        // The slot's tag reached u64::MAX: it never comes back, so no id repeats.
+        assert_eq!(
+            registry.subscribe(counter(&calls), false),
+            Err(Error::SubscriberTableFull { capacity: 1 })
+        );
+        assert_eq!(registry.unsubscribe(id), Err(Error::UnknownSubscriber));
+    }
+}

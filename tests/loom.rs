@@ -50,11 +50,28 @@ struct Registration {
     in_flight: Option<ThreadToken>,
 }
 
+/// When the loom source delivers the initial notification (`InitialNotification = TRUE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Initial {
+    /// On the calling thread inside `notify`, before the handle is written back.
+    #[default]
+    CallerThread,
+    /// Later, from another thread: the model calls [`LoomNetio::deliver`] with
+    /// `MIB_INITIAL_NOTIFICATION` itself, concurrently with whatever the driver does after
+    /// `notify` returned.
+    Later,
+}
+
 #[derive(Default)]
 struct SourceState {
     registrations: Vec<Registration>,
     cancels: usize,
     self_cancels: usize,
+    initial: Initial,
+    /// What `GetTeredoPort` answers (`None`: `ERROR_NOT_READY`).
+    port: Option<u16>,
+    /// The next this many cancels wait for the callback in flight, then fail.
+    failing_cancels: usize,
 }
 
 /// A loom-friendly port source (see the module docs).
@@ -98,6 +115,36 @@ impl LoomNetio {
         true
     }
 
+    /// Breaks the contract on purpose: runs the callback even if another invocation of the
+    /// same registration is in flight (an overlapping invocation). Returns whether it ran.
+    fn deliver_overlapping(&self, handle: RawHandle, port: u16, kind: i32) -> bool {
+        let (callback, context) = {
+            let s = self.shared.0.lock().unwrap();
+            let reg = &s.registrations[handle.get() - 1];
+            if reg.cancelled {
+                return false;
+            }
+            (reg.callback, reg.context)
+        };
+        // SAFETY: as in `deliver`, except that the call may overlap another: the library's
+        // `PortSource` contract says it must not, and this exists to check that it survives
+        // it (the registry coalesces instead of calling subscribers concurrently).
+        unsafe { callback(context.0, port, kind) };
+        true
+    }
+
+    fn set_initial(&self, initial: Initial) {
+        self.shared.0.lock().unwrap().initial = initial;
+    }
+
+    fn set_port(&self, port: Option<u16>) {
+        self.shared.0.lock().unwrap().port = port;
+    }
+
+    fn fail_next_cancel_after_wait(&self) {
+        self.shared.0.lock().unwrap().failing_cancels += 1;
+    }
+
     fn live(&self) -> usize {
         let s = self.shared.0.lock().unwrap();
         s.registrations.iter().filter(|r| !r.cancelled).count()
@@ -109,10 +156,11 @@ impl LoomNetio {
     }
 }
 
-// SAFETY: callbacks of one registration are serialized (`in_flight`), get the context given
-// to `notify`, run at the delivering thread's IRQL (PASSIVE_LEVEL under loom); cancel marks
+// SAFETY: callbacks of one registration are serialized (`in_flight`), except through
+// `deliver_overlapping`, which breaks the contract on purpose; they get the context given to
+// `notify` and run at the delivering thread's IRQL (PASSIVE_LEVEL under loom); cancel marks
 // the registration cancelled under the lock (no new delivery starts) and waits for the one
-// in flight; a failed cancel or notify leaves the state as it was.
+// in flight; a failed cancel or notify leaves the registration as it was.
 unsafe impl PortSource for LoomNetio {
     type Kernel = MockKernel;
 
@@ -122,19 +170,29 @@ unsafe impl PortSource for LoomNetio {
         context: *mut c_void,
         initial_notification: bool,
     ) -> Result<RawHandle, Error> {
-        assert!(!initial_notification, "the models do not use it");
         let mut s = self.shared.0.lock().unwrap();
+        let inline = initial_notification && s.initial == Initial::CallerThread;
         s.registrations.push(Registration {
             callback,
             context: Context(context),
             cancelled: false,
-            in_flight: None,
+            in_flight: inline.then(MockKernel::current_thread),
         });
-        Ok(Self::handle(s.registrations.len() - 1))
+        let index = s.registrations.len() - 1;
+        drop(s);
+        if inline {
+            // SAFETY: `notify`'s contract makes the callback sound from now on; `in_flight`
+            // keeps other deliveries out until it returns.
+            unsafe { callback(context, 0, sys::MIB_INITIAL_NOTIFICATION) };
+            let (lock, changed) = &*self.shared;
+            lock.lock().unwrap().registrations[index].in_flight = None;
+            changed.notify_all();
+        }
+        Ok(Self::handle(index))
     }
 
     fn teredo_port(&self) -> Result<u16, Error> {
-        Err(Error::from_status(
+        self.shared.0.lock().unwrap().port.ok_or(Error::from_status(
             NetioCall::GetTeredoPort,
             sys::ERROR_NOT_READY,
         ))
@@ -145,7 +203,7 @@ unsafe impl PortSource for LoomNetio {
         let mut s = lock.lock().unwrap();
         let index = handle.get() - 1;
         let me = MockKernel::current_thread();
-        let reg = &mut s.registrations[index];
+        let reg = &s.registrations[index];
         if reg.cancelled {
             return Err(Error::from_status(
                 NetioCall::CancelMibChangeNotify2,
@@ -159,10 +217,22 @@ unsafe impl PortSource for LoomNetio {
                 STATUS_POSSIBLE_DEADLOCK,
             ));
         }
-        reg.cancelled = true;
-        s.cancels += 1;
+        let fails = s.failing_cancels > 0;
+        if fails {
+            s.failing_cancels -= 1;
+        } else {
+            s.registrations[index].cancelled = true;
+            s.cancels += 1;
+        }
         while s.registrations[index].in_flight.is_some() {
             s = changed.wait(s).unwrap();
+        }
+        if fails {
+            // Waited for the callback in flight, as a cancel does, then failed: still live.
+            return Err(Error::from_status(
+                NetioCall::CancelMibChangeNotify2,
+                sys::STATUS_INVALID_PARAMETER,
+            ));
         }
         Ok(())
     }
@@ -671,4 +741,139 @@ fn unsubscribe_inside_callback_races_subscribe() {
         // SAFETY: the watcher is dropped: nothing borrows the table.
         unsafe { unleak(table) };
     });
+}
+
+/// A watcher's cancel fails (after waiting for a callback in flight, as cancels do) while the
+/// table's teardown runs: whichever cancel fails, the registration ends cancelled, the
+/// context is freed (never leaked), and a clean report means netio holds nothing.
+#[test]
+fn failed_watcher_cancel_races_teardown() {
+    model("failed_watcher_cancel_races_teardown", || {
+        let netio = LoomNetio::new();
+        let table = leak(HandleTable::new(netio.clone()));
+        let freed = Arc::new(AtomicBool::new(false));
+        let flag = DropFlag(Arc::clone(&freed));
+        let (watcher, _) = TeredoPortWatcher::with_subscriber(table, OPTIONS, move |_| {
+            assert!(!flag.0.load(Ordering::SeqCst), "called after it was freed");
+        })
+        .unwrap();
+        netio.fail_next_cancel_after_wait();
+        let dropper = thread::spawn(move || drop(watcher));
+        let report = table.teardown().unwrap();
+        if report.is_clean() {
+            assert_eq!(
+                netio.live(),
+                0,
+                "a clean report while netio holds it: {report:?}"
+            );
+        }
+        dropper.join().unwrap();
+        assert_eq!(netio.live(), 0, "{report:?}");
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "the context was leaked: {report:?}"
+        );
+        assert_eq!(table.live_registrations(), 0);
+        // SAFETY: the watcher is gone, so nothing borrows the table.
+        unsafe { unleak(table) };
+    });
+}
+
+/// The initial notification comes after `notify` returned, from another thread, while the
+/// seed's `GetTeredoPort` runs: the seed is kept (an initial notification sets no port),
+/// and the first subscriber ends on the running port.
+#[test]
+fn late_initial_notification_races_the_seed() {
+    model("late_initial_notification_races_the_seed", || {
+        let netio = LoomNetio::new();
+        netio.set_initial(Initial::Later);
+        netio.set_port(Some(PORT));
+        let table = HandleTable::new(netio.clone());
+        let (log, stop, freed) = (Log::new(), Arc::default(), Arc::default());
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || {
+                // The registration exists once `notify` pushed it; spin (yielding) until then.
+                loop {
+                    if netio.shared.0.lock().unwrap().registrations.len() == 1 {
+                        break;
+                    }
+                    thread::yield_now();
+                }
+                netio.deliver(LoomNetio::handle(0), 0, sys::MIB_INITIAL_NOTIFICATION)
+            })
+        };
+        let options = WatcherOptions {
+            initial_notification: true,
+            seed_current_port: true,
+            ..OPTIONS
+        };
+        let (watcher, _) =
+            TeredoPortWatcher::with_subscriber(&table, options, subscriber(&log, &stop, &freed))
+                .unwrap();
+        assert!(os.join().unwrap());
+        assert_eq!(watcher.current_port(), TeredoPort::new(PORT));
+        let events = log.read();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(
+            events.last().and_then(TeredoEvent::port),
+            TeredoPort::new(PORT),
+            "{events:?}"
+        );
+        drop(watcher);
+        assert_eq!(netio.live(), 0);
+    });
+}
+
+/// Two invocations of one registration overlap (a broken contract): subscribers are never
+/// called twice at once (the log cell would report a data race), and the newest port the
+/// state word holds is the last one they see.
+#[test]
+fn overlapping_invocations_coalesce_to_the_newest_port() {
+    model(
+        "overlapping_invocations_coalesce_to_the_newest_port",
+        || {
+            let netio = LoomNetio::new();
+            let table = HandleTable::new(netio.clone());
+            let (log, stop, freed) = (Log::new(), Arc::default(), Arc::default());
+            let (watcher, _) = TeredoPortWatcher::with_subscriber(
+                &table,
+                OPTIONS,
+                subscriber(&log, &stop, &freed),
+            )
+            .unwrap();
+            let other = {
+                let netio = netio.clone();
+                thread::spawn(move || {
+                    netio.deliver_overlapping(
+                        LoomNetio::handle(0),
+                        PORT,
+                        sys::MIB_PARAMETER_NOTIFICATION,
+                    )
+                })
+            };
+            assert!(netio.deliver_overlapping(
+                LoomNetio::handle(0),
+                PORT + 1,
+                sys::MIB_PARAMETER_NOTIFICATION
+            ));
+            assert!(other.join().unwrap());
+            let events = log.read();
+            assert!(!events.is_empty());
+            assert_eq!(
+                events.last().and_then(TeredoEvent::port),
+                watcher.current_port(),
+                "{events:?}"
+            );
+            let stats = watcher.stats();
+            assert_eq!(stats.notifications, 2);
+            assert!(stats.overlapping <= 1);
+            assert_eq!(
+                events.len(),
+                2,
+                "each invocation delivered or coalesced: {events:?}"
+            );
+            drop(watcher);
+        },
+    );
 }
