@@ -561,6 +561,7 @@ unsafe fn print(format: u64, args: &mut Slots) -> i32 {
                 unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
             unload(core::ptr::with_exposed_provenance_mut(driver_object));
         }
+        super::netio::run_overlap_hook();
     }
     STATUS_SUCCESS
 }

@@ -78,8 +78,10 @@ pub use bugcheck::{Bugcheck, bugcheck, stopped};
 pub use dbgprint::{ArgSource, Formatted, dbgprint_problems, format, run_in_next_callback};
 pub use irql::{current_irql, set_irql, thread_id};
 pub use netio::{
-    Delivery, NetioCall, NetioStats, client, deliver, fail_next, live_contexts, netio_stats,
-    set_callback_irql, set_ipv6,
+    Delivery, InitialDelivery, InitialRecord, NetioCall, NetioStats, client, deliver, fail_next,
+    fail_next_cancel_after_wait, invoke_overlapping, live_contexts, netio_stats,
+    notify_null_handle_next, overlap_inside_next_callback, query_returns_next, set_callback_irql,
+    set_initial_delivery, set_ipv6, wait_for_initial_notifications,
 };
 pub use object::{AfterUnload, after_driver_unload, driver_object_references, set_driver_object};
 pub use pool::{PoolBlock, PoolStats, fail_allocation_after, pool_blocks, pool_stats};
