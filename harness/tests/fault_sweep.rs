@@ -75,9 +75,13 @@
 //! `DriverUnload` except the driver state box (`cancel@unload x2`: one block freed), or every
 //! block `DriverEntry` allocated (`cancel@rollback x2`: nothing freed); it includes the
 //! context netio holds for the one registration the model still shows live, and the
-//! driver's table reports it too (`1 failed, 1 live` at unload, `failed 1` in the rollback). The image is retired after unload, so no late
-//! notification is delivered in these cells: on Windows that notification would run code of
-//! an unloaded image (a bugcheck); a `DriverUnload` cannot refuse to unload.
+//! driver's table reports it too (`1 failed, 1 live` at unload, `failed 1` in the rollback).
+//! At unload the driver then keeps its image loaded (a reference on its driver object,
+//! never dropped): the cell delivers a late notification, which runs the mapped trampoline
+//! and prints nothing (the library silenced the subscribers), with no stop. A failed
+//! `DriverEntry` has no such policy: the image is retired with the registration live, so no
+//! late notification is delivered in the `cancel@rollback x2` cells (on Windows it would run
+//! code of an unloaded image).
 #![cfg(all(target_arch = "x86_64", unix))]
 
 use std::collections::BTreeSet;
@@ -569,6 +573,39 @@ fn run_cell(
         ensure(pool.live_blocks == residue.len() && pool.frees == 1, || {
             format!("pool {pool:?}")
         })?;
+        // The unload policy: the driver keeps its image loaded with a reference on its
+        // driver object, so a late notification runs mapped code; the library silenced the
+        // subscribers, so the driver prints nothing.
+        ensure_in_order(&[
+            &["1 failed, 1 live"],
+            &["keeping the image loaded"],
+            &["took a reference on the driver object"],
+        ])?;
+        ensure(
+            kernel::driver_object_references() == 1 && !machine.image().is_retired(),
+            || {
+                format!(
+                    "image kept: {} references, retired {}",
+                    kernel::driver_object_references(),
+                    machine.image().is_retired()
+                )
+            },
+        )?;
+        let (handle, lines, delivered) = (
+            context[0].0,
+            kernel::debugger_output().len(),
+            kernel::netio_stats().delivered,
+        );
+        let late = stop(machine.on_cpu("late notification", 0, move || {
+            kernel::deliver(handle, 40_000, kernel::MIB_PARAMETER_NOTIFICATION)
+        }))?;
+        ensure(
+            late == Delivery::Delivered
+                && kernel::netio_stats().delivered == delivered + 1
+                && kernel::debugger_output().len() == lines
+                && kernel::stopped().is_none(),
+            || format!("late notification {late:?} into the kept image"),
+        )?;
         return Ok(format!(
             "residue {}b/{}B",
             pool.live_blocks, pool.live_bytes

@@ -48,6 +48,8 @@ unsafe extern "system" {
     fn ExFreePoolWithTag(p: *mut c_void, tag: u32);
     /// `KeBugCheckEx` (any IRQL; does not return).
     fn KeBugCheckEx(code: u32, p1: usize, p2: usize, p3: usize, p4: usize) -> !;
+    /// `ObfReferenceObject` (`<= DISPATCH_LEVEL`; `ObReferenceObject` is a macro over it).
+    fn ObfReferenceObject(object: *mut c_void) -> isize;
 }
 
 // The C runtime routines that compiled Rust code calls (`core`, `alloc` and the code LLVM
@@ -200,14 +202,28 @@ pub unsafe extern "system" fn classify_port() -> u32 {
     }
 }
 
-/// `DriverUnload`: runs [`driver::driver_unload`].
+/// `DriverUnload`: runs [`driver::driver_unload`]; when a registration could not be
+/// cancelled, takes a reference on the driver object that is never dropped, so the image
+/// stays loaded for the notifications netio may still deliver into it (the policy of
+/// `teredo_monitor_logic::driver`'s documentation).
 ///
 /// # Safety
 ///
-/// Called by the loader only, once, at `PASSIVE_LEVEL`, after a successful `DriverEntry`.
-unsafe extern "system" fn driver_unload(_driver: *mut DriverObject) {
+/// Called by the loader only, once, at `PASSIVE_LEVEL`, after a successful `DriverEntry`,
+/// with `driver` this driver's object.
+unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
     let report = driver::driver_unload(&TABLE, &DRIVER);
     if !report.is_clean() {
         log(format_args!("unload left registrations behind: {report:?}"));
+    }
+    if report.keep_image_loaded {
+        // SAFETY: `driver` is this driver's object, valid during `DriverUnload` (this
+        // function's contract); `ObfReferenceObject` runs at <= DISPATCH_LEVEL and this runs
+        // at PASSIVE_LEVEL. The reference is leaked on purpose: while it is held the I/O
+        // manager keeps the object, and so the image, loaded.
+        unsafe { ObfReferenceObject(driver.cast()) };
+        log(format_args!(
+            "DriverUnload: took a reference on the driver object; the image stays loaded"
+        ));
     }
 }

@@ -61,10 +61,21 @@ pub unsafe extern "system" fn driver_entry(
 /// # Safety
 ///
 /// Called by the I/O manager only, once, at `PASSIVE_LEVEL`, after a successful
-/// `DriverEntry` set it. The driver object is not used.
-unsafe extern "C" fn driver_unload(_driver: *mut DRIVER_OBJECT) {
+/// `DriverEntry` set it, with `driver` this driver's object.
+unsafe extern "C" fn driver_unload(driver: *mut DRIVER_OBJECT) {
     let report = driver::driver_unload(&TABLE, &DRIVER);
     if !report.is_clean() {
         log(format_args!("unload left registrations behind: {report:?}"));
+    }
+    if report.keep_image_loaded {
+        // SAFETY: `driver` is this driver's object, valid during `DriverUnload` (this
+        // function's contract); `ObfReferenceObject` runs at <= DISPATCH_LEVEL and this runs
+        // at PASSIVE_LEVEL. The reference is leaked on purpose: while it is held the I/O
+        // manager keeps the object, and so the image, loaded for the notifications netio may
+        // still deliver into it (`teredo_monitor_logic::driver`'s documentation).
+        unsafe { wdk_sys::ntddk::ObfReferenceObject(driver.cast()) };
+        log(format_args!(
+            "DriverUnload: took a reference on the driver object; the image stays loaded"
+        ));
     }
 }

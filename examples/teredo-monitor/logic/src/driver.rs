@@ -16,7 +16,20 @@
 //!   status; the platform sets DriverUnload only on success.
 //! driver_unload: take the state out of the slot -> cancel the registration (waits for a
 //!                callback in flight) -> free it -> tear the handle table down
+//!                -> if a registration could not be cancelled: keep the image loaded
 //! ```
+//!
+//! # A registration that cannot be cancelled
+//!
+//! `DriverUnload` cannot refuse the unload, and netio may still call a registration whose
+//! cancel failed: into this image, with a context the library therefore never frees. The
+//! I/O manager does not unload an image while its driver object is referenced ("A driver
+//! will not unload if there is a leaked reference to `DeviceObject` or `DriverObject`",
+//! Microsoft's "Debugging a Failed Driver Unload"), so when the teardown is not clean
+//! [`driver_unload`] says so ([`UnloadReport::keep_image_loaded`]) and the platform takes a
+//! reference on its driver object (`ObReferenceObject`, `<= DISPATCH_LEVEL`) that it never
+//! drops: a late notification then runs mapped code, and the library's silenced
+//! subscribers do nothing. The price is an image that stays in memory until reboot.
 
 use alloc::boxed::Box;
 use core::fmt;
@@ -307,6 +320,10 @@ pub struct UnloadReport {
     pub unregister: Option<Result<(), Error>>,
     /// The handle table's teardown.
     pub teardown: Result<TeardownReport, Error>,
+    /// The teardown was not clean (a cancel failed, or the teardown was refused): netio may
+    /// still call into the image, so the platform must keep it loaded (see the module
+    /// documentation). Always `!is_clean()`.
+    pub keep_image_loaded: bool,
 }
 
 impl UnloadReport {
@@ -363,10 +380,19 @@ pub fn driver_unload<'t, S: PortSource>(
         ),
         Err(error) => log!("DriverUnload: teardown refused: {error}"),
     }
+    let keep_image_loaded = !teardown.as_ref().is_ok_and(TeardownReport::is_clean);
+    if keep_image_loaded {
+        log!(
+            "DriverUnload: a registration could not be cancelled and netio may still call \
+             into this image: keeping the image loaded (a reference on the driver object, \
+             never dropped)"
+        );
+    }
     UnloadReport {
         had_state,
         notifications,
         unregister,
         teardown,
+        keep_image_loaded,
     }
 }

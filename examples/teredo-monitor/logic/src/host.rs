@@ -63,6 +63,7 @@ struct HostState {
     release: bool,
     unloaded_by: Option<ThreadId>,
     late_lines: usize,
+    image_references: usize,
 }
 
 struct Shared {
@@ -79,6 +80,7 @@ static SHARED: Shared = Shared {
         release: false,
         unloaded_by: None,
         late_lines: 0,
+        image_references: 0,
     }),
     changed: Condvar::new(),
 };
@@ -198,6 +200,7 @@ pub fn reset() {
     let mut s = state();
     s.unloaded_by = None;
     s.late_lines = 0;
+    s.image_references = 0;
     s.hold_armed_by = None;
     s.lines_by_holder = 0;
     s.held = false;
@@ -205,6 +208,19 @@ pub fn reset() {
 }
 
 static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+/// The host platform's part of the unload policy (`driver`'s module documentation): where
+/// the kernel platforms take a reference on the driver object that keeps the image loaded,
+/// the host has no image to keep and records the reference instead.
+pub fn keep_image_loaded() {
+    state().image_references += 1;
+}
+
+/// References [`keep_image_loaded`] recorded since the last [`reset`].
+#[must_use]
+pub fn image_references() -> usize {
+    state().image_references
+}
 
 /// Serializes users of this process-wide binding (tests run on several threads).
 pub fn exclusive() -> MutexGuard<'static, ()> {

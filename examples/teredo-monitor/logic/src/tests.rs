@@ -310,6 +310,61 @@ fn unload_waits_for_a_callback_in_flight_and_nothing_runs_afterwards() {
 }
 
 #[test]
+fn an_unload_that_cannot_cancel_keeps_the_image_loaded_and_silences_the_driver() {
+    let f = Fixture::new();
+    let slot = Slot::new();
+    assert_eq!(f.entry(&slot, DriverConfig::default()), NtStatus::SUCCESS);
+    // The watcher's cancel and the teardown's retry both fail.
+    for _ in 0..2 {
+        f.netio.fail_next(
+            NetioCall::CancelMibChangeNotify2,
+            sys::STATUS_INVALID_PARAMETER,
+        );
+    }
+
+    let (report, lines) = captured(|| {
+        let report = f.unload(&slot);
+        if report.keep_image_loaded {
+            host::keep_image_loaded();
+        }
+        report
+    });
+
+    assert!(report.keep_image_loaded && !report.is_clean(), "{report:?}");
+    assert_eq!(host::image_references(), 1, "the platform keeps the image");
+    let failed = position(&lines, "1 failed, 1 live");
+    let kept = position(&lines, "keeping the image loaded");
+    assert!(failed < kept, "{lines:#?}");
+    assert_eq!(f.netio.live_registrations(), 1, "netio still holds it");
+
+    // A late notification reaches the (still loaded) callback, whose subscribers are
+    // silenced: nothing is logged.
+    let ((), late) = captured(|| {
+        f.netio.client().start();
+        f.netio.wait_idle();
+    });
+    assert_eq!(
+        f.netio.registrations()[0].delivered,
+        2,
+        "the initial notification, then the late one reached the callback"
+    );
+    assert!(late.is_empty(), "silenced: {late:#?}");
+}
+
+#[test]
+fn a_clean_unload_does_not_keep_the_image() {
+    let f = Fixture::new();
+    let slot = Slot::new();
+    assert_eq!(f.entry(&slot, DriverConfig::default()), NtStatus::SUCCESS);
+    let (report, lines) = captured(|| f.unload(&slot));
+    assert!(report.is_clean() && !report.keep_image_loaded, "{report:?}");
+    assert!(
+        !lines.iter().any(|l| l.contains("keeping the image loaded")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
 fn unload_without_a_state_still_tears_the_table_down() {
     let f = Fixture::new();
     let slot = Slot::new();

@@ -154,6 +154,9 @@ fn run(netio: &MockNetio) -> Observed {
         host::release_held_callback();
     });
     let report = driver::driver_unload(&table, &slot);
+    if report.keep_image_loaded {
+        host::keep_image_loaded();
+    }
     host::mark_unloaded();
     let _ = releaser.join();
 
