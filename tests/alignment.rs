@@ -99,7 +99,10 @@ fn a_subscriber_aligned_to_64_is_stored_aligned() {
     watcher
         .subscribe(move |_event| {
             let address = std::ptr::from_ref(&line) as usize;
-            a.store(address.is_multiple_of(64) && line.0[0] == 1, Ordering::SeqCst);
+            a.store(
+                address.is_multiple_of(64) && line.0[0] == 1,
+                Ordering::SeqCst,
+            );
             c.fetch_add(1, Ordering::SeqCst);
         })
         .expect("subscribe");

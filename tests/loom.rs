@@ -56,10 +56,16 @@ enum Initial {
     /// On the calling thread inside `notify`, before the handle is written back.
     #[default]
     CallerThread,
+    /// On another loom thread that `notify` joins before it returns.
+    OtherThreadBeforeReturn,
     /// Later, from another thread: the model calls [`LoomNetio::deliver`] with
     /// `MIB_INITIAL_NOTIFICATION` itself, concurrently with whatever the driver does after
     /// `notify` returned.
     Later,
+    /// Held until [`LoomNetio::settle`], which delivers it from another loom thread.
+    AfterReturn,
+    /// Held until the next `GetTeredoPort`, which delivers it from another loom thread first.
+    DuringQuery,
 }
 
 #[derive(Default)]
@@ -72,6 +78,11 @@ struct SourceState {
     port: Option<u16>,
     /// The next this many cancels wait for the callback in flight, then fail.
     failing_cancels: usize,
+    /// Registrations whose initial notification is held (`AfterReturn`, `DuringQuery`).
+    held: Vec<usize>,
+    /// What the next `GetTeredoPort` calls answer, before `port`.
+    query_ports: Vec<u16>,
+    null_handles: usize,
 }
 
 /// A loom-friendly port source (see the module docs).
@@ -133,6 +144,22 @@ impl LoomNetio {
         true
     }
 
+    /// Delivers the held initial notifications from another loom thread, and joins it.
+    fn release_held(&self) {
+        let held = std::mem::take(&mut self.shared.0.lock().unwrap().held);
+        if held.is_empty() {
+            return;
+        }
+        let netio = self.clone();
+        thread::spawn(move || {
+            for index in held {
+                netio.deliver(Self::handle(index), 0, sys::MIB_INITIAL_NOTIFICATION);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
     fn set_initial(&self, initial: Initial) {
         self.shared.0.lock().unwrap().initial = initial;
     }
@@ -179,6 +206,14 @@ unsafe impl PortSource for LoomNetio {
             in_flight: inline.then(MockKernel::current_thread),
         });
         let index = s.registrations.len() - 1;
+        let order = s.initial;
+        if initial_notification && matches!(order, Initial::AfterReturn | Initial::DuringQuery) {
+            s.held.push(index);
+        }
+        let null_handle = s.null_handles > 0;
+        if null_handle {
+            s.null_handles -= 1;
+        }
         drop(s);
         if inline {
             // SAFETY: `notify`'s contract makes the callback sound from now on; `in_flight`
@@ -188,11 +223,32 @@ unsafe impl PortSource for LoomNetio {
             lock.lock().unwrap().registrations[index].in_flight = None;
             changed.notify_all();
         }
+        if initial_notification && order == Initial::OtherThreadBeforeReturn {
+            let netio = self.clone();
+            thread::spawn(move || {
+                netio.deliver(Self::handle(index), 0, sys::MIB_INITIAL_NOTIFICATION)
+            })
+            .join()
+            .unwrap();
+        }
+        if null_handle {
+            return Err(Error::InvalidHandle {
+                call: NetioCall::NotifyTeredoPortChange,
+                status: teredo_watcher::NetioStatus(sys::STATUS_SUCCESS),
+            });
+        }
         Ok(Self::handle(index))
     }
 
     fn teredo_port(&self) -> Result<u16, Error> {
-        self.shared.0.lock().unwrap().port.ok_or(Error::from_status(
+        if self.shared.0.lock().unwrap().initial == Initial::DuringQuery {
+            self.release_held();
+        }
+        let mut s = self.shared.0.lock().unwrap();
+        if !s.query_ports.is_empty() {
+            return Ok(s.query_ports.remove(0));
+        }
+        s.port.ok_or(Error::from_status(
             NetioCall::GetTeredoPort,
             sys::ERROR_NOT_READY,
         ))
@@ -876,4 +932,126 @@ fn overlapping_invocations_coalesce_to_the_newest_port() {
             drop(watcher);
         },
     );
+}
+
+/// The netio contract suite on the loom source, each check in a loom model of its own.
+#[path = "netio_contract/mod.rs"]
+mod netio_contract;
+
+impl netio_contract::Netio for LoomNetio {
+    fn fresh() -> Self {
+        LoomNetio::new()
+    }
+    fn orders(&self) -> Vec<netio_contract::Order> {
+        netio_contract::ALL_ORDERS.to_vec()
+    }
+    fn set_order(&self, order: netio_contract::Order) {
+        use netio_contract::Order;
+        self.set_initial(match order {
+            Order::CallerThread => Initial::CallerThread,
+            Order::OtherThreadBeforeReturn => Initial::OtherThreadBeforeReturn,
+            Order::AfterReturn => Initial::AfterReturn,
+            Order::DuringQuery => Initial::DuringQuery,
+        });
+    }
+    fn set_running(&self, port: Option<u16>) {
+        self.set_port(port);
+    }
+    fn notify_all(&self, port: u16, kind: i32) {
+        let count = self.shared.0.lock().unwrap().registrations.len();
+        for index in 0..count {
+            self.deliver(Self::handle(index), port, kind);
+        }
+    }
+    fn settle(&self) {
+        self.release_held();
+    }
+    fn live(&self) -> usize {
+        LoomNetio::live(self)
+    }
+    fn query_returns_next(&self, port: u16) {
+        self.shared.0.lock().unwrap().query_ports.push(port);
+    }
+    fn notify_null_handle_next(&self) {
+        self.shared.0.lock().unwrap().null_handles += 1;
+    }
+    fn fail_next_cancel_after_wait(&self) {
+        LoomNetio::fail_next_cancel_after_wait(self);
+    }
+    fn overlap(&self, a: (u16, i32), b: (u16, i32)) {
+        let count = self.shared.0.lock().unwrap().registrations.len();
+        for index in 0..count {
+            let netio = self.clone();
+            let other =
+                thread::spawn(move || netio.deliver_overlapping(Self::handle(index), a.0, a.1));
+            self.deliver_overlapping(Self::handle(index), b.0, b.1);
+            other.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn contract_orders_are_complete() {
+    model_sequential(
+        "contract_orders_are_complete",
+        netio_contract::orders_are_complete::<LoomNetio>,
+    );
+}
+
+#[test]
+fn contract_initial_notification_once_in_each_order() {
+    // The orders' threads are joined where the order says (inside `notify`, in `settle`, in
+    // `GetTeredoPort`), so there is one interleaving; the races of a late initial
+    // notification are `late_initial_notification_races_the_seed`'s.
+    model_sequential(
+        "contract_initial_notification_once_in_each_order",
+        netio_contract::initial_notification_once_in_each_order::<LoomNetio>,
+    );
+}
+
+#[test]
+fn contract_the_watcher_learns_a_running_client_in_each_order() {
+    model_sequential(
+        "contract_the_watcher_learns_a_running_client_in_each_order",
+        netio_contract::the_watcher_learns_a_running_client_in_each_order::<LoomNetio>,
+    );
+}
+
+#[test]
+fn contract_cancel_stops_delivery() {
+    model_sequential(
+        "contract_cancel_stops_delivery",
+        netio_contract::cancel_stops_delivery::<LoomNetio>,
+    );
+}
+
+#[test]
+fn contract_query_port_zero_null_handle_failed_cancel() {
+    model_sequential("contract_query_port_zero_null_handle_failed_cancel", || {
+        netio_contract::query_reports_the_client::<LoomNetio>();
+        netio_contract::a_query_with_port_zero_means_no_port::<LoomNetio>();
+        netio_contract::a_null_handle_silences_the_failed_watcher::<LoomNetio>();
+        netio_contract::a_cancel_that_fails_after_waiting_is_retried_by_teardown::<LoomNetio>();
+    });
+}
+
+#[test]
+fn contract_overlapping_invocations_end_on_the_newest_port() {
+    model(
+        "contract_overlapping_invocations_end_on_the_newest_port",
+        netio_contract::overlapping_invocations_end_on_the_newest_port::<LoomNetio>,
+    );
+}
+
+/// As [`model`], for checks whose threads are joined at once (nothing to interleave): loom
+/// runs them once, which `model`'s "more than one interleaving" floor would reject.
+fn model_sequential(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    ITERATIONS.store(0, std::sync::atomic::Ordering::SeqCst);
+    loom::model(move || {
+        ITERATIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        f();
+    });
+    let n = ITERATIONS.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n >= 1, "{name}: loom ran nothing");
+    println!("loom model {name}: {n} interleavings (sequential)");
 }

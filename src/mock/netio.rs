@@ -184,6 +184,12 @@ impl TeredoClient<'_> {
         }
     }
 
+    /// Sets the port the client runs on (`None`: stopped) without notifying anyone, as if it
+    /// had changed before any registration existed.
+    pub fn set_port_quietly(&self, port: Option<u16>) {
+        self.netio.shared.lock().running = port;
+    }
+
     /// The port the client runs on, if it runs.
     #[must_use]
     pub fn port(&self) -> Option<u16> {
