@@ -10,14 +10,19 @@
 //!   newest state before it lets go;
 //! - `SEEDING`: a `GetTeredoPort` seed is in flight; any notification that *sets* the port
 //!   clears it, and the seed only installs its port while the flag is still there;
-//! - `WAITERS`: a thread sleeps on the registry's event until the current round ends.
+//! - `WAITERS`: a thread sleeps on the registry's event until the current round ends;
+//! - `LOCAL`: the deliverer is not inside an OS invocation (it delivers the seed), so an OS
+//!   invocation that arrives meanwhile is coalesced like an overlapping one but is no breach
+//!   of the OS contract and is not counted as one.
 //!
 //! A notification (a *pass*) claims the word with one compare-and-swap that publishes the
 //! new port and the next generation and sets `ACTIVE`, calls each live subscriber with no
 //! lock held, runs the rounds that `PENDING` asked for, then clears `ACTIVE`. A notification
 //! that finds `ACTIVE` set publishes its port at once (so [`current_port`] is never stale),
-//! sets `PENDING` and returns: subscribers are never called twice at once, and the newest
-//! port always reaches them, last.
+//! records its event, sets `PENDING` and returns: subscribers are never called twice at once,
+//! and the newest port always reaches them, last. The extra round delivers the last recorded
+//! event with the newest port (an initial notification stays `Initial`; the seed is a
+//! `Snapshot`).
 //!
 //! The spin lock guards membership (free list, deferred reclaims, id tags) and the event's
 //! clear/set pairs. Subscribe and unsubscribe take it for a few instructions; no user code,
@@ -85,12 +90,13 @@ const ACTIVE: u64 = 1 << 16;
 const PENDING: u64 = 1 << 17;
 const SEEDING: u64 = 1 << 18;
 const WAITERS: u64 = 1 << 19;
-const FLAGS: u64 = ACTIVE | PENDING | SEEDING | WAITERS;
-const GEN_SHIFT: u32 = 20;
+const LOCAL: u64 = 1 << 20;
+const FLAGS: u64 = ACTIVE | PENDING | SEEDING | WAITERS | LOCAL;
+const GEN_SHIFT: u32 = 21;
 const GEN_ONE: u64 = 1 << GEN_SHIFT;
 const NONE: u32 = u32::MAX;
 /// `start_gen` of a slot that has had its first call: every later round is for it.
-/// Generations have 44 bits, so no round has this number.
+/// Generations have 43 bits, so no round has this number.
 const DELIVER_ALL: u64 = u64::MAX;
 
 #[inline]
@@ -112,11 +118,37 @@ const fn with_port(state: u64, port: Option<TeredoPort>) -> u64 {
     (state & !PORT_MASK) | raw
 }
 
-/// The next generation, in the 44 bits it has (wrapping is harmless: rounds are compared
+/// The next generation, in the 43 bits it has (wrapping is harmless: rounds are compared
 /// only for equality with a subscriber's first one).
 #[inline]
 const fn next_gen(state: u64) -> u64 {
     state.wrapping_add(GEN_ONE)
+}
+
+/// `pending` of a coalesced seed: the extra round delivers a `Snapshot`.
+const PENDING_SNAPSHOT: u64 = 1 << 63;
+
+/// `pending` of a coalesced OS invocation: its raw arguments.
+#[inline]
+const fn pending_notification(port: u16, raw_type: i32) -> u64 {
+    ((raw_type.cast_unsigned() as u64) << 16) | port as u64
+}
+
+/// The event of an extra round: the last coalesced one, with the newest port.
+fn coalesced_event(pending: u64, port: Option<TeredoPort>) -> TeredoEvent {
+    if pending & PENDING_SNAPSHOT != 0 {
+        return TeredoEvent::Snapshot { port };
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "unpacks `pending_notification`"
+    )]
+    let (raw_port, raw_type) = (pending as u16, ((pending >> 16) as u32).cast_signed());
+    match TeredoEvent::from_raw(raw_port, raw_type, port) {
+        TeredoEvent::PortChanged { .. } => TeredoEvent::PortChanged { port },
+        TeredoEvent::Added { .. } => TeredoEvent::Added { port },
+        other => other,
+    }
 }
 
 /// Registry identities: every registry gets its own, so a [`SubscriberId`] of one watcher is
@@ -265,6 +297,9 @@ pub(crate) struct Registry<K: Kernel> {
     high_water: AtomicUsize,
     notifications: AtomicU64,
     overlapping: AtomicU64,
+    /// The last coalesced event (see `pending_notification`, `PENDING_SNAPSHOT`), written
+    /// before the `PENDING` it comes with.
+    pending: AtomicU64,
     /// Subscribers are no longer called: the watcher gave the registry up (any IRQL, no lock).
     silenced: AtomicBool,
     /// Set, under the handle table's lock, by a watcher that could not cancel and gave the
@@ -312,6 +347,7 @@ impl<K: Kernel> Registry<K> {
             high_water: AtomicUsize::new(0),
             notifications: AtomicU64::new(0),
             overlapping: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
             silenced: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
             live: AtomicUsize::new(0),
@@ -371,9 +407,10 @@ impl<K: Kernel> Registry<K> {
                 (cleared, false)
             } else if current & ACTIVE != 0 {
                 // The running pass delivers it, after its round.
+                self.pending.store(PENDING_SNAPSHOT, Ordering::Release);
                 (with_port(cleared, port) | PENDING, false)
             } else {
-                (next_gen(with_port(cleared, port)) | ACTIVE, true)
+                (next_gen(with_port(cleared, port)) | ACTIVE | LOCAL, true)
             };
             match self.state.compare_exchange_weak(
                 current,
@@ -422,13 +459,15 @@ impl<K: Kernel> Registry<K> {
             }
             let overlapping = current & ACTIVE != 0;
             next = if overlapping {
-                // Two invocations of one registration overlap, which the OS contract rules
-                // out. Publish the port now and let the running pass deliver it after its
-                // round, so subscribers are never called twice at once and never miss the
-                // newest port.
+                // Another round runs: the seed's, or another invocation of this registration
+                // (which the OS contract rules out). Publish the port now and let the running
+                // pass deliver this event after its round, so subscribers are never called
+                // twice at once and never miss the newest port.
+                self.pending
+                    .store(pending_notification(port, raw_type), Ordering::Release);
                 next | PENDING
             } else {
-                next_gen(next) | ACTIVE
+                (next_gen(next) | ACTIVE) & !LOCAL
             };
             match self.state.compare_exchange_weak(
                 current,
@@ -437,7 +476,9 @@ impl<K: Kernel> Registry<K> {
                 Ordering::Relaxed,
             ) {
                 Ok(_) if overlapping => {
-                    self.overlapping.fetch_add(1, Ordering::Relaxed);
+                    if current & LOCAL == 0 {
+                        self.overlapping.fetch_add(1, Ordering::Relaxed);
+                    }
                     return;
                 }
                 Ok(_) => break (next, event),
@@ -460,7 +501,7 @@ impl<K: Kernel> Registry<K> {
                 let next = if current & PENDING != 0 {
                     next_gen(current & !PENDING)
                 } else {
-                    current & !(ACTIVE | WAITERS)
+                    current & !(ACTIVE | WAITERS | LOCAL)
                 };
                 if next & ACTIVE == 0 {
                     // Cleared before the pass ends, so no thread ever sees `ACTIVE` with a
@@ -475,9 +516,10 @@ impl<K: Kernel> Registry<K> {
                 ) {
                     Ok(_) if next & ACTIVE != 0 => {
                         generation = gen_of(next);
-                        event = TeredoEvent::Snapshot {
-                            port: port_of(next),
-                        };
+                        // The CAS read the `PENDING` of the last coalesced event, whose
+                        // record was stored before it.
+                        event =
+                            coalesced_event(self.pending.load(Ordering::Acquire), port_of(next));
                         break;
                     }
                     Ok(_) => {

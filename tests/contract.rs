@@ -556,7 +556,8 @@ fn an_overlapping_invocation_publishes_and_delivers_the_newest_port() {
             TeredoEvent::Added {
                 port: TeredoPort::new(first)
             },
-            TeredoEvent::Snapshot {
+            // The coalesced invocation's own event, delivered by the running pass.
+            TeredoEvent::PortChanged {
                 port: TeredoPort::new(61_000)
             },
         ]
@@ -619,4 +620,58 @@ fn a_null_handle_leaves_nothing_callable() {
         "a failed creation's subscriber ran"
     );
     assert_eq!(table.live_registrations(), 0);
+}
+
+// A notification that arrives while the seed is being delivered is no breach of the OS
+// contract: it is coalesced, keeps its own event, and is not counted as overlapping.
+
+#[test]
+fn a_notification_during_the_seed_delivery_keeps_its_event_and_is_not_overlapping() {
+    let netio = MockNetio::new();
+    let running = netio.client().start();
+    let table: &'static HandleTable<MockNetio> =
+        Box::leak(Box::new(HandleTable::new(netio.clone())));
+    let gate = Gate::closed();
+    let recorder = Recorder::new();
+    let (g, mut record) = (gate.clone(), recorder.subscriber());
+    let options = WatcherOptions {
+        initial_notification: false,
+        ..WatcherOptions::default()
+    };
+    let creator = thread::spawn(move || {
+        TeredoPortWatcher::with_subscriber(table, options, move |e| {
+            record(e);
+            if matches!(e, TeredoEvent::Snapshot { .. }) {
+                g.pass();
+            }
+        })
+        .map(|(w, _)| w)
+    });
+    // The seed's Snapshot runs on the creating thread and blocks there.
+    eventually("seed delivery blocked", || gate.reached() == 1);
+    netio.notify_raw(7, 99);
+    eventually("the OS invocation returned", || {
+        netio
+            .registrations()
+            .first()
+            .is_some_and(|r| r.delivered == 1)
+    });
+    gate.open();
+    let watcher = creator.join().expect("join").expect("register");
+    let port = TeredoPort::new(running);
+    assert_eq!(
+        recorder.events(),
+        vec![
+            TeredoEvent::Snapshot { port },
+            TeredoEvent::Unknown {
+                raw_type: 99,
+                raw_port: 7,
+                port
+            },
+        ]
+    );
+    assert_eq!(watcher.stats().overlapping, 0);
+    assert_eq!(watcher.stats().notifications, 1);
+    assert_eq!(watcher.current_port(), port);
+    watcher.unregister().expect("cancel");
 }
