@@ -72,6 +72,10 @@ pub struct LoadedImage {
     relocations_applied: usize,
     imports_bound: usize,
     retired: AtomicBool,
+    /// `INIT*` sections, page-aligned `(rva, len)`: discarded after `DriverEntry`.
+    init_sections: Vec<(usize, usize)>,
+    /// `PAGE*` sections, page-aligned `(rva, len, protection)`: pageable.
+    page_sections: Vec<(usize, usize, i32)>,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; nothing about it is tied to the
@@ -155,7 +159,49 @@ impl LoadedImage {
         // protection does not invalidate any Rust reference (none point into it).
         let rc = unsafe { libc::mprotect(self.base.cast(), self.size, libc::PROT_NONE) };
         assert_eq!(rc, 0, "mprotect(PROT_NONE) of the image failed");
+        #[cfg(target_os = "linux")]
+        crate::kernel::trap::guard(
+            self.base(),
+            self.size,
+            crate::kernel::trap::GuardKind::Unloaded,
+            libc::PROT_NONE,
+        );
         self.retired.store(true, Ordering::Release);
+    }
+
+    /// `INIT*` sections as `(rva, len)`, page-aligned.
+    #[must_use]
+    pub fn init_sections(&self) -> &[(usize, usize)] {
+        &self.init_sections
+    }
+
+    /// `PAGE*` sections as `(rva, len)`, page-aligned.
+    #[must_use]
+    pub fn page_sections(&self) -> Vec<(usize, usize)> {
+        self.page_sections.iter().map(|&(r, l, _)| (r, l)).collect()
+    }
+
+    /// Discards the `INIT*` sections, as the I/O manager does once `DriverEntry` returned:
+    /// they become inaccessible, and on Linux a later access by driver code stops the
+    /// machine naming the RVA ([`crate::kernel::trap`]).
+    ///
+    /// # Panics
+    ///
+    /// If the host refuses the protection change.
+    pub fn discard_init(&self) {
+        for &(rva, len) in &self.init_sections {
+            // SAFETY: `rva..rva+len` is a section inside our mapping (checked at load); no
+            // Rust reference points into it.
+            let rc = unsafe { libc::mprotect(self.base.add(rva).cast(), len, libc::PROT_NONE) };
+            assert_eq!(rc, 0, "mprotect(PROT_NONE) of an INIT section failed");
+            #[cfg(target_os = "linux")]
+            crate::kernel::trap::guard(
+                self.base() + rva,
+                len,
+                crate::kernel::trap::GuardKind::DiscardedInit,
+                libc::PROT_NONE,
+            );
+        }
     }
 
     /// Whether [`retire`](Self::retire) made the image inaccessible.
@@ -167,6 +213,8 @@ impl LoadedImage {
 
 impl Drop for LoadedImage {
     fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        crate::kernel::trap::unguard(self.base(), self.size);
         // SAFETY: the mapping is ours and unmapped only here (type invariant).
         unsafe { libc::munmap(self.base.cast::<c_void>(), self.size) };
     }
@@ -271,6 +319,8 @@ pub fn load(
         relocations_applied: 0,
         imports_bound: 0,
         retired: AtomicBool::new(false),
+        init_sections: Vec::new(),
+        page_sections: Vec::new(),
     };
     if relocatable && image.at_preferred_base() {
         return Err(LoadError::Map(
@@ -366,16 +416,26 @@ impl LoadedImage {
     }
 
     /// Headers read-only; each section as its characteristics say.
-    fn protect(&self, pe: &PE<'_>, headers: usize) -> Result<(), LoadError> {
+    ///
+    /// `INIT*` sections are remembered for [`discard_init`](LoadedImage::discard_init);
+    /// `PAGE*` sections start paged out (`PROT_NONE`, guarded as pageable: see
+    /// [`crate::kernel::trap`]) on Linux, where the fault handler pages them in.
+    fn protect(&mut self, pe: &PE<'_>, headers: usize) -> Result<(), LoadError> {
         let page = 4096;
         let mut ranges = vec![(0, headers.div_ceil(page) * page, libc::PROT_READ)];
         for section in &pe.sections {
             let len = (section.virtual_size as usize).div_ceil(page) * page;
-            ranges.push((
-                section.virtual_address as usize,
-                len,
-                protection(section.characteristics),
-            ));
+            let rva = section.virtual_address as usize;
+            let name = section.name().unwrap_or("");
+            let mut prot = protection(section.characteristics);
+            if name.starts_with("INIT") {
+                self.init_sections.push((rva, len));
+            }
+            if cfg!(target_os = "linux") && name.starts_with("PAGE") {
+                self.page_sections.push((rva, len, prot));
+                prot = libc::PROT_NONE;
+            }
+            ranges.push((rva, len, prot));
         }
         for (start, len, prot) in ranges {
             if start + len > self.size {
@@ -387,6 +447,15 @@ impl LoadedImage {
             if rc != 0 {
                 return Err(LoadError::Map(std::io::Error::last_os_error().to_string()));
             }
+        }
+        #[cfg(target_os = "linux")]
+        for &(rva, len, prot) in &self.page_sections {
+            crate::kernel::trap::guard(
+                self.base() + rva,
+                len,
+                crate::kernel::trap::GuardKind::Pageable,
+                prot,
+            );
         }
         Ok(())
     }

@@ -227,7 +227,8 @@ impl Machine {
     }
 
     /// Calls `DriverEntry` at `irql` (anything but `PASSIVE_LEVEL` breaks the I/O
-    /// manager's contract: for the IRQL violation scenario).
+    /// manager's contract: for the IRQL violation scenario), then discards the image's
+    /// `INIT*` sections ([`LoadedImage::discard_init`](crate::loader::LoadedImage::discard_init)).
     ///
     /// # Errors
     ///
@@ -250,22 +251,27 @@ impl Machine {
         let driver_object = self.driver_object_address();
         let registry_path =
             std::ptr::from_ref::<UnicodeString>(&self.registry_path).expose_provenance();
-        self.on_cpu("DriverEntry", irql, move || {
-            // SAFETY: `entry` is the image's entry point (`AddressOfEntryPoint`), a
-            // `DRIVER_INITIALIZE` routine, an NTAPI function
-            // (`extern "system"`, the Windows x64 convention) of the mapped, relocated and
-            // bound image; the driver object and the registry path live in the machine,
-            // which outlives this call (the machine joins it or stops).
-            let entry = unsafe {
-                std::mem::transmute::<usize, extern "win64" fn(*mut u8, *const UnicodeString) -> i32>(
-                    entry,
+        let status =
+            self.on_cpu("DriverEntry", irql, move || {
+                // SAFETY: `entry` is the image's entry point (`AddressOfEntryPoint`), a
+                // `DRIVER_INITIALIZE` routine, an NTAPI function
+                // (`extern "system"`, the Windows x64 convention) of the mapped, relocated and
+                // bound image; the driver object and the registry path live in the machine,
+                // which outlives this call (the machine joins it or stops).
+                let entry = unsafe {
+                    std::mem::transmute::<
+                        usize,
+                        extern "win64" fn(*mut u8, *const UnicodeString) -> i32,
+                    >(entry)
+                };
+                entry(
+                    core::ptr::with_exposed_provenance_mut(driver_object),
+                    core::ptr::with_exposed_provenance(registry_path),
                 )
-            };
-            entry(
-                core::ptr::with_exposed_provenance_mut(driver_object),
-                core::ptr::with_exposed_provenance(registry_path),
-            )
-        })
+            })?;
+        // The I/O manager discards INIT sections once DriverEntry has returned.
+        self.image.discard_init();
+        Ok(status)
     }
 
     /// `DriverObject->DriverUnload` as `DriverEntry` left it.

@@ -26,6 +26,13 @@
 //! and one port change after a successful load). `DriverUnload` runs at `PASSIVE_LEVEL`, as
 //! the machine calls it.
 //!
+//! # Orderings
+//!
+//! Cell `n` (counted over the whole table) registers under the kernel model's
+//! initial-notification ordering `n mod 4` (caller thread, before return, after return,
+//! during `GetTeredoPort`), so each ordering meets every row at `PASSIVE_LEVEL`; the test
+//! checks that all four ran and each cell checks the model's record of its ordering.
+//!
 //! # What each cell asserts
 //!
 //! - no bugcheck, no hang (the machine's `Stop`);
@@ -88,7 +95,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use teredo_harness::kernel::{self, Delivery, NetioCall, PoolBlock};
+use teredo_harness::kernel::{self, Delivery, InitialDelivery, NetioCall, PoolBlock};
 use teredo_harness::{Machine, Stop, sysbuild};
 use teredo_watcher::sys::DOCUMENTED_STATUS_CODES;
 
@@ -158,6 +165,14 @@ impl Row {
         matches!(self, Row::CancelInRollback | Row::CancelInRollbackTwice)
     }
 }
+
+/// The initial-notification orderings of the kernel model, taken in turn cell by cell.
+const ORDERS: [InitialDelivery; 4] = [
+    InitialDelivery::CallerThread,
+    InitialDelivery::BeforeReturn,
+    InitialDelivery::AfterReturn,
+    InitialDelivery::DuringQuery,
+];
 
 #[derive(Clone, Copy, Debug)]
 struct Column {
@@ -344,9 +359,11 @@ fn run_cell(
     row: Row,
     code: i32,
     column: Column,
+    order: InitialDelivery,
 ) -> Result<String, String> {
     let machine = boot(sys)?;
     kernel::set_callback_irql(column.callback);
+    kernel::set_initial_delivery(order);
     // The client runs before the driver loads: the seed has a port to read.
     let client_port = stop(machine.on_cpu("client start", 0, kernel::client::start))?;
     let fails = code != 0;
@@ -435,29 +452,60 @@ fn run_cell(
         return Ok(format!("fail {}", hex(status)));
     }
 
-    ensure_logged(&[
-        "event #1: MibInitialNotification",
-        "port=none",
-        &format!("at {cb}"),
-    ])?;
+    // With `AfterReturn` the initial notification may still be on its way.
+    ensure(
+        kernel::wait_for_initial_notifications(std::time::Duration::from_secs(5)),
+        || "the initial notification never ran".into(),
+    )?;
+    // A rollback may cancel an `AfterReturn` registration before its initial notification
+    // ran (netio then drops it), or silence the driver before it runs: at most one then.
+    let late_initial = order == InitialDelivery::AfterReturn && row.rollback();
+    let records = kernel::netio_stats().initial;
+    let initials = driver_lines(&["event #", "MibInitialNotification", &format!("at {cb}")]);
+    if late_initial {
+        ensure(
+            records.len() <= 1 && records.iter().all(|r| r.order == order) && initials.len() <= 1,
+            || format!("initial notification records {records:?}, lines {initials:?}"),
+        )?;
+    } else {
+        ensure(records.len() == 1 && records[0].order == order, || {
+            format!("initial notification records {records:?}, ordering {order:?}")
+        })?;
+        ensure(initials.len() == 1, || {
+            format!("one initial notification line expected: {initials:?}")
+        })?;
+    }
     // The client runs at load, so a successful seed installs its port and the library
     // delivers a snapshot of it to the subscribers installed so far (the event logger), on
     // the thread of `DriverEntry`, before the driver reports the seed; a failed seed installs
-    // nothing and delivers no snapshot.
+    // nothing and delivers no snapshot. The initial notification comes first unless it is
+    // delivered after `NotifyTeredoPortChange` returned (`AfterReturn`): then either order.
     let seed_fails = row == Row::Seed && fails;
     let snapshots = driver_lines(&["event #", "snapshot"]);
+    let snapshot = [
+        "snapshot",
+        &format!("port=udp/{client_port}"),
+        &format!("at {}", irql_name(column.entry)),
+    ];
     if seed_fails {
         ensure(snapshots.is_empty(), || {
             format!("a failed seed delivered a snapshot: {snapshots:?}")
         })?;
+        ensure_logged(&["event #1: MibInitialNotification", "port=none"])?;
+    } else if order == InitialDelivery::AfterReturn {
+        ensure(snapshots.len() == 1, || {
+            format!("one seed snapshot expected: {snapshots:?}")
+        })?;
+        ensure(
+            logged(&[&["event #1: "][..], &snapshot].concat())
+                || logged(&[&["event #2: "][..], &snapshot].concat()),
+            || format!("the seed's snapshot is event #1 or #2: {snapshots:?}"),
+        )?;
+        ensure_in_order(&[&snapshot, &["GetTeredoPort seeded port="]])?;
     } else {
         ensure_in_order(&[
-            &["event #1: MibInitialNotification"],
-            &[
-                "event #2: snapshot",
-                &format!("port=udp/{client_port}"),
-                &format!("at {}", irql_name(column.entry)),
-            ],
+            &["event #1: MibInitialNotification", "port=none"],
+            &[&["event #2: "][..], &snapshot].concat(),
             &["GetTeredoPort seeded port="],
         ])?;
         ensure(snapshots.len() == 1, || {
@@ -760,6 +808,7 @@ fn fault_sweep_on_the_sys() {
     let mut table = String::new();
     let mut failures = Vec::new();
     let mut cells = 0usize;
+    let mut orders_run = BTreeSet::new();
     let mut header = String::new();
     for c in COLUMNS {
         let title = format!(
@@ -776,7 +825,11 @@ fn fault_sweep_on_the_sys() {
             let mut line = format!("  {:<41}", format!("{name} {}", hex(code)));
             for column in COLUMNS {
                 cells += 1;
-                let outcome = run_cell(sys, entry_allocations, row, code, column);
+                // The initial-notification orderings in turn: every one meets each row
+                // with DriverEntry at PASSIVE_LEVEL (columns 0 and 1 of every six cells).
+                let order = ORDERS[cells % ORDERS.len()];
+                orders_run.insert(format!("{order:?}"));
+                let outcome = run_cell(sys, entry_allocations, row, code, column, order);
                 let text = match outcome {
                     Ok(text) => text,
                     Err(why) => {
@@ -812,6 +865,11 @@ fn fault_sweep_on_the_sys() {
         built.as_secs_f64()
     );
     assert_eq!(cells, ROWS.len() * codes.len() * COLUMNS.len());
+    assert_eq!(
+        orders_run.len(),
+        ORDERS.len(),
+        "every ordering ran: {orders_run:?}"
+    );
     assert!(
         failures.is_empty(),
         "{} cells fail:\n{}",

@@ -22,9 +22,17 @@ pub fn current_irql() -> u8 {
     IRQL.with(Cell::get)
 }
 
-/// Sets the calling thread's IRQL (the harness's threads start at `PASSIVE_LEVEL`).
+/// Sets the calling thread's IRQL (the harness's threads start at `PASSIVE_LEVEL`). A
+/// raise to `DISPATCH_LEVEL` or above pages pageable driver memory out
+/// ([`super::trap`]), so that touching it at that IRQL is caught.
 pub fn set_irql(irql: u8) {
-    IRQL.with(|c| c.set(irql));
+    let before = IRQL.with(|c| c.replace(irql));
+    #[cfg(target_os = "linux")]
+    if irql >= DISPATCH_LEVEL && before < DISPATCH_LEVEL {
+        super::trap::page_out_pageable();
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = before;
 }
 
 /// The calling thread's id as `PsGetCurrentThreadId` reports it: non-zero, a multiple of

@@ -164,6 +164,9 @@ pub const IRQL_UNEXPECTED_VALUE: u32 = 0xC8;
 /// `WORKER_THREAD_RETURNED_AT_BAD_IRQL`: a work item routine returned above
 /// `PASSIVE_LEVEL`.
 pub const WORKER_THREAD_RETURNED_AT_BAD_IRQL: u32 = 0xE1;
+/// `PAGE_FAULT_IN_NONPAGED_AREA`: a reference to memory that is not there (here: a
+/// discarded `INIT` section).
+pub const PAGE_FAULT_IN_NONPAGED_AREA: u32 = 0x50;
 /// `DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS`.
 pub const DRIVER_UNLOADED_WITHOUT_CANCELLING_PENDING_OPERATIONS: u32 = 0xCE;
 
