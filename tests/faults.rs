@@ -1,5 +1,5 @@
 //! Fault sweep: every library entry point that reaches netio, times every status code that
-//! KERNEL-FACTS.md names (success included) plus undocumented ones, times every IRQL.
+//! docs/kernel-facts.md names (success included) plus undocumented ones, times every IRQL.
 //!
 //! For each cell a fresh mock (client started) and table are built, the status is injected on
 //! the netio call the entry point makes, and the entry point runs at the IRQL of the column
@@ -7,7 +7,7 @@
 //! The cell passes when:
 //! - the outcome is the documented one: `IrqlTooHigh` (with operation, IRQL and bound) and no
 //!   netio call above the documented IRQL; otherwise the error named for the status in
-//!   KERNEL-FACTS.md with the call and the raw code kept, or success for zero;
+//!   docs/kernel-facts.md with the call and the raw code kept, or success for zero;
 //! - the handle table and the mock agree on the live registrations right after the call;
 //! - after dropping everything and tearing down (at `PASSIVE_LEVEL`, retrying while a failure
 //!   injected for a call that never came is still queued), no registration is left and the
@@ -110,11 +110,14 @@ impl Entry {
     }
 }
 
-/// The error KERNEL-FACTS.md names for a failing status (written out here, independently of
+/// The error docs/kernel-facts.md names for a failing status (written out here, independently of
 /// the library's own mapping).
 fn documented_error(call: NetioCall, code: i32) -> Error {
     let status = NetioStatus(code);
-    #[allow(clippy::unreadable_literal, reason = "as written in KERNEL-FACTS.md")]
+    #[allow(
+        clippy::unreadable_literal,
+        reason = "as written in docs/kernel-facts.md"
+    )]
     match code.cast_unsigned() {
         0xC000000D | 87 => Error::InvalidParameter { call, status },
         0xC0000008 | 6 => Error::InvalidHandle { call, status },

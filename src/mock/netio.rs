@@ -56,6 +56,8 @@ pub enum InitialDelivery {
     AfterReturn,
     /// Held until the next `GetTeredoPort` call, which delivers it on the delivery thread and
     /// waits for it before answering: the initial notification arrives while the seed runs.
+    /// A notification queued meanwhile releases it first (it is never delivered after a
+    /// later notification).
     DuringQuery,
 }
 
@@ -241,6 +243,9 @@ impl MockNetio {
     fn enqueue(shared: &Shared, s: &mut State, port: u16, kind: i32) {
         for reg in s.registrations.values_mut() {
             if !reg.cancelled {
+                // A held initial notification goes first, now: it is never later than the
+                // notifications that follow it.
+                reg.held = false;
                 reg.queue.push_back((port, kind));
             }
         }
@@ -260,6 +265,7 @@ impl MockNetio {
         let mut s = self.shared.lock();
         let live = match s.registrations.get_mut(&handle.get()) {
             Some(reg) if !reg.cancelled => {
+                reg.held = false;
                 reg.queue.push_back((port, notification_type));
                 true
             }
