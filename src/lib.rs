@@ -70,6 +70,11 @@ pub use source::{PortSource, RawHandle};
 pub use teredo::{TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT, TeredoExceptions};
 pub use watcher::{TeredoPortWatcher, WatcherOptions};
 
+/// The README's code blocks, compiled and run as doctests (they use the host mock).
+#[cfg(all(doctest, feature = "mock"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// The watcher over the real netio layer.
 #[cfg(windows)]
 pub type NetioWatcher<'t> = TeredoPortWatcher<'t, nt::NetioPortSource>;

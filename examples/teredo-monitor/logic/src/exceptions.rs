@@ -115,7 +115,10 @@ mod tests {
     #[test]
     fn follows_start_restart_stop() {
         let mut t = ExceptionTracker::new();
-        assert_eq!(t.update(TeredoEvent::Initial { port: None }), ExceptionChange::Unchanged);
+        assert_eq!(
+            t.update(TeredoEvent::Initial { port: None }),
+            ExceptionChange::Unchanged
+        );
         assert_eq!(
             t.update(TeredoEvent::Added { port: port(49_152) }),
             ExceptionChange::Updated {
@@ -133,7 +136,9 @@ mod tests {
         );
         assert!(!t.applied().allows_udp_port(49_152));
         assert_eq!(
-            t.update(TeredoEvent::Deleted { previous: port(49_159) }),
+            t.update(TeredoEvent::Deleted {
+                previous: port(49_159)
+            }),
             ExceptionChange::Updated {
                 opened: None,
                 closed: port(49_159)
