@@ -287,7 +287,7 @@ impl MockNetio {
 
     /// Makes the next `NotifyTeredoPortChange` register the callback (it stays registered
     /// and is notified like any other) but return success with a NULL handle, which cannot be
-    /// cancelled. [`NetioPortSource`](crate::nt::NetioPortSource) turns that into
+    /// cancelled. `nt::NetioPortSource` (Windows targets) turns that into
     /// [`Error::InvalidHandle`] with status 0, and so does the mock.
     pub fn notify_null_handle_next(&self) {
         self.shared.lock().faults.notify_null_handle += 1;
