@@ -25,4 +25,4 @@ pub mod pe;
 pub mod sysbuild;
 
 #[cfg(all(target_arch = "x86_64", unix))]
-pub use machine::{Machine, Stop};
+pub use machine::{Exclusive, Machine, Stop};

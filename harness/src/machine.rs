@@ -7,7 +7,7 @@
 //! hanging; a call that does not come back in time is [`Stop::Hang`].
 
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::kernel::{self, Bugcheck};
@@ -45,8 +45,46 @@ impl std::fmt::Display for Stop {
 
 impl std::error::Error for Stop {}
 
-/// Only one machine at a time: the kernel model is global, like a kernel.
-static ONE_MACHINE: Mutex<()> = Mutex::new(());
+/// Only one machine at a time: the kernel model is global, like a kernel. `true` while an
+/// [`Exclusive`] exists.
+static ONE_MACHINE: Mutex<bool> = Mutex::new(false);
+static ONE_MACHINE_FREED: Condvar = Condvar::new();
+
+/// The right to use the kernel model alone: at most one exists in the process. A
+/// [`Machine`] holds one; [`Exclusive::bare_kernel`] gives one without an image, for tests
+/// that call the model's exports from Rust (the netio contract suite). Unlike a mutex
+/// guard it may be dropped on another thread (a port source that owns it must be `Send`).
+#[must_use = "the kernel model is released when this drops"]
+pub struct Exclusive(());
+
+impl Exclusive {
+    /// Waits until no other [`Exclusive`] exists, then takes it.
+    fn acquire() -> Exclusive {
+        let mut taken = ONE_MACHINE.lock().unwrap_or_else(PoisonError::into_inner);
+        while *taken {
+            taken = ONE_MACHINE_FREED
+                .wait(taken)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *taken = true;
+        Exclusive(())
+    }
+
+    /// Takes the kernel model alone and resets it with no image mapped: empty pool, no
+    /// registrations, client stopped, every netio knob at its default.
+    pub fn bare_kernel() -> Exclusive {
+        let one = Exclusive::acquire();
+        kernel::reset((0, 0), false);
+        one
+    }
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        *ONE_MACHINE.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        ONE_MACHINE_FREED.notify_one();
+    }
+}
 
 /// `UNICODE_STRING`.
 #[repr(C)]
@@ -64,7 +102,7 @@ pub struct Machine {
     _registry_path_buffer: Vec<u16>,
     exports: Vec<(String, usize)>,
     timeout: Duration,
-    _one: MutexGuard<'static, ()>,
+    _one: Exclusive,
 }
 
 /// A call into the driver running on its own thread.
@@ -82,7 +120,7 @@ impl Machine {
     ///
     /// The loader's error, for instance every unresolved import with its module.
     pub fn boot(sys: &[u8], echo: bool) -> Result<Machine, LoadError> {
-        let one = ONE_MACHINE.lock().unwrap_or_else(PoisonError::into_inner);
+        let one = Exclusive::acquire();
         kernel::reset((0, 0), echo);
         let image = loader::load(sys, &kernel::resolve)?;
         let exports = goblin::pe::PE::parse(sys)

@@ -579,6 +579,12 @@ pub mod client {
         }
     }
 
+    /// Sets what `GetTeredoPort` answers (the client running on `port`, or stopped) without
+    /// notifying anyone: a client already running when a driver registers.
+    pub fn set_port_quietly(port: Option<u16>) {
+        lock().netio.running = port;
+    }
+
     /// The port the client runs on.
     #[must_use]
     pub fn port() -> Option<u16> {
