@@ -5,7 +5,8 @@
  * port with GetTeredoPort, and keeps the current port in one interlocked 64-bit variable;
  * the notification callback updates it; DriverUnload cancels the registration and frees the
  * context. TeredoMonitorClassifyPort (exported) stands in for a WFP classify function: it
- * reads the current port at any IRQL <= DISPATCH_LEVEL.
+ * reads the current port at any IRQL <= DISPATCH_LEVEL; TeredoClassify (exported) is the
+ * per-packet exception check such a function makes.
  *
  * It is the harness's foreign driver: built with mingw-w64 (build.sh), it imports
  * ExAllocatePoolWithTag and DbgPrintEx, reads the IRQL with the KeGetCurrentIrql() the DDK
@@ -117,6 +118,26 @@ __declspec(dllexport) ULONG NTAPI TeredoMonitorClassifyPort(VOID)
         return MAXULONG;
     }
     return STATE_PORT(ReadState(context));
+}
+
+/* The per-packet exception check of a classify function: 1 when UDP traffic on LocalPort is
+ * Teredo traffic to allow (the static port 3544, or the dynamic port when known), 0
+ * otherwise and while not loaded. IRQL <= DISPATCH_LEVEL; never called once DriverUnload
+ * has started. The harness times it against the Rust driver's export of the same name. */
+#define TEREDO_STATIC_PORT 3544
+__declspec(dllexport) UCHAR NTAPI TeredoClassify(USHORT LocalPort)
+{
+    PTEREDO_REFERENCE_CONTEXT context = g_Context;
+    USHORT port;
+
+    if (context == NULL) {
+        return 0;
+    }
+    if (LocalPort == TEREDO_STATIC_PORT) {
+        return 1;
+    }
+    port = STATE_PORT(ReadState(context));
+    return (UCHAR)(port != 0 && LocalPort == port);
 }
 
 PAGE_CODE VOID TeredoReferenceUnload(PDRIVER_OBJECT DriverObject)

@@ -73,6 +73,10 @@ pub enum Variant {
     /// The release profile with debug assertions on: the library's IRQL checks then panic,
     /// and the panic handler bugchecks (exercises the shim's panic path in the real image).
     DebugAssertions,
+    /// The release image with the driver's own log compiled out (the logic crate's
+    /// `no-log` feature): what the library and the driver's code cost without it
+    /// (`kernel-box --sizes`). Not run by any scenario: the driver is silent.
+    NoLog,
 }
 
 impl Variant {
@@ -80,6 +84,7 @@ impl Variant {
         match self {
             Variant::Release => "release",
             Variant::DebugAssertions => "debug-assertions",
+            Variant::NoLog => "no-log",
         }
     }
 }
@@ -188,7 +193,11 @@ pub fn cargo_args_in(root: &Path, variant: Variant) -> Vec<String> {
         TARGET,
         "--no-default-features",
         "--features",
-        "kernel-shim",
+        if variant == Variant::NoLog {
+            "kernel-shim,teredo-monitor-logic/no-log"
+        } else {
+            "kernel-shim"
+        },
         "--config",
         &format!("target.{TARGET}.linker=\"rust-lld\""),
         "--config",
@@ -423,4 +432,41 @@ pub fn c_reference_image() -> Result<&'static [u8], String> {
         })
         .as_deref()
         .map_err(Clone::clone)
+}
+
+/// The sizes of a PE image, as `kernel-box --sizes` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageSizes {
+    /// The file, in bytes.
+    pub file: usize,
+    /// Code: the virtual sizes of the executable sections (`.text`, and `PAGE`/`INIT` when
+    /// the image has them).
+    pub code: u64,
+    /// Everything else the sections hold (read-only data, unwind tables, relocations,
+    /// imports and exports), by virtual size.
+    pub other_sections: u64,
+}
+
+/// The sizes of the PE image `bytes`.
+///
+/// # Errors
+///
+/// When `bytes` is not a PE image.
+pub fn image_sizes(bytes: &[u8]) -> Result<ImageSizes, String> {
+    /// `IMAGE_SCN_MEM_EXECUTE`.
+    const EXECUTE: u32 = 0x2000_0000;
+    let pe = goblin::pe::PE::parse(bytes).map_err(|e| format!("not a PE image: {e}"))?;
+    let (mut code, mut other_sections) = (0, 0);
+    for section in &pe.sections {
+        if section.characteristics & EXECUTE != 0 {
+            code += u64::from(section.virtual_size);
+        } else {
+            other_sections += u64::from(section.virtual_size);
+        }
+    }
+    Ok(ImageSizes {
+        file: bytes.len(),
+        code,
+        other_sections,
+    })
 }

@@ -2,14 +2,14 @@
 //! in one build only, the `.sys` that the loader harness (`harness/`) links with `rust-lld`
 //! on Linux and runs.
 //!
-//! `wdk-build` refuses to compile on a non-Windows host, so this file stands in for the four
-//! things the `wdk` binding takes from those crates, each with the same kernel routine:
+//! `wdk-build` refuses to compile on a non-Windows host, so this file stands in for the
+//! things the `wdk` binding takes from those crates, each with the same kernel routine (the
+//! log sink is the logic crate's `DbgPrint` in both bindings):
 //!
 //! | `wdk.rs` | here |
 //! |---|---|
 //! | `wdk-alloc` global allocator | [`PoolAllocator`]: `ExAllocatePool2(POOL_FLAG_NON_PAGED)` / `ExFreePoolWithTag` |
-//! | `wdk-panic` handler | `KeBugCheckEx(`[`PANIC_BUGCHECK`]`, line, column, file, file length)` |
-//! | `wdk::println!` | `teredo_monitor_logic::platform::log` (feature `kernel-shim`): formats into a stack buffer, then `DbgPrint("%s", ..)` |
+//! | `wdk-panic` handler | `KeBugCheckEx(`[`PANIC_BUGCHECK`]`, line, column, file, file length)`, after one log line with the location |
 //! | `wdk_sys::DRIVER_OBJECT` | [`DriverObject`]: only the `DriverUnload` field (offset `0x68`) |
 //!
 //! The entry points call the same `teredo_monitor_logic::driver` functions as `wdk.rs`. Every import is
@@ -23,6 +23,8 @@ use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 
 use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::exceptions::AppliedExceptions;
+use teredo_monitor_logic::log::{Line, LogText as _};
 use teredo_monitor_logic::platform::log;
 use teredo_monitor_logic::slot::DriverSlot;
 
@@ -119,13 +121,30 @@ unsafe impl GlobalAlloc for PoolAllocator {
 static GLOBAL_ALLOCATOR: PoolAllocator = PoolAllocator;
 
 /// A panic is a bugcheck: [`PANIC_BUGCHECK`] with the location (line, column, the file
-/// name's address and length) as parameters, after logging the message.
+/// name's address and length) as parameters, after logging the location.
+///
+/// The release image logs no message: formatting it would link `core::fmt` into the image
+/// (the message is `fmt::Arguments`), and the location identifies the panic. With debug
+/// assertions (the harness's diagnostic image) the message follows the location.
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    log(format_args!("panic: {info}"));
-    let (line, column, file) = info.location().map_or((0, 0, ""), |l| {
-        (l.line() as usize, l.column() as usize, l.file())
-    });
+    let (line, column, file) = info
+        .location()
+        .map_or((0, 0, ""), |l| (l.line(), l.column(), l.file()));
+    let mut text = Line::new();
+    text.push_str("panic: at ")
+        .push_str(file)
+        .push_str(":")
+        .push_decimal(u64::from(line))
+        .push_str(":")
+        .push_decimal(u64::from(column));
+    #[cfg(debug_assertions)]
+    {
+        use core::fmt::Write as _;
+        let _ = write!(text, ": {}", info.message());
+    }
+    log(&text);
+    let (line, column) = (line as usize, column as usize);
     // SAFETY: `KeBugCheckEx` may be called at any IRQL and has no other precondition; its
     // parameters are only recorded in the crash dump.
     unsafe {
@@ -158,6 +177,10 @@ static TABLE: HandleTable<NetioPortSource> = HandleTable::new(NetioPortSource::n
 /// The driver's state between `DriverEntry` and `DriverUnload`.
 static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot::new();
 
+/// The exception set the driver's tracker has applied, for the classify exports: one word
+/// in the image, read with one load and no `unsafe`.
+static PUBLISHED: AppliedExceptions = AppliedExceptions::new();
+
 /// `DriverEntry`: runs [`driver::driver_entry`] and sets `DriverUnload` when it succeeds,
 /// exactly as `wdk.rs` does.
 ///
@@ -170,7 +193,7 @@ pub unsafe extern "system" fn driver_entry(
     driver: *mut DriverObject,
     _registry_path: *const c_void,
 ) -> i32 {
-    let status = driver::driver_entry(&TABLE, &DRIVER, DriverConfig::default());
+    let status = driver::driver_entry(&TABLE, &DRIVER, &PUBLISHED, DriverConfig::default());
     if status.is_success() {
         // SAFETY: `driver` is valid for writes and exclusively ours during this call (this
         // function's contract).
@@ -179,27 +202,24 @@ pub unsafe extern "system" fn driver_entry(
     status.0
 }
 
-/// What a WFP classify function of this driver would read for every packet:
-/// [`TeredoMonitor::exceptions`] (one atomic load, valid at `DISPATCH_LEVEL`). This example
+/// What a WFP classify function of this driver reads for every packet: the exception set
+/// the tracker published (one atomic load from a static, valid at any IRQL). This example
 /// registers no callout, so the shim exports this stand-in for the harness to call while
 /// notifications arrive. Returns the dynamic port, `0` when none is known, `u32::MAX` when
-/// no driver state is loaded.
-///
-/// # Safety
-///
-/// Called at `<= DISPATCH_LEVEL`, and never concurrently with `DriverUnload` (as the filter
-/// engine never calls a classify function once its callout is unregistered).
+/// no driver state is loaded ([`AppliedExceptions::raw`]).
 #[unsafe(export_name = "TeredoMonitorClassifyPort")]
-pub unsafe extern "system" fn classify_port() -> u32 {
-    // SAFETY: `DriverUnload`, the only `take` of the slot, does not run meanwhile (this
-    // function's contract).
-    match unsafe { DRIVER.peek() } {
-        Some(monitor) => monitor
-            .exceptions()
-            .dynamic_port
-            .map_or(0, |port| u32::from(port.get())),
-        None => u32::MAX,
-    }
+pub extern "system" fn classify_port() -> u32 {
+    PUBLISHED.raw()
+}
+
+/// The per-packet exception check of a classify function: `1` when UDP traffic on
+/// `local_port` is Teredo traffic the published set allows (the static port, or the
+/// dynamic port when known), `0` otherwise and while no driver state is loaded. The C
+/// reference driver exports the same routine; the harness times the two side by side
+/// (`harness/benches/classify.rs`).
+#[unsafe(export_name = "TeredoClassify")]
+pub extern "system" fn classify(local_port: u16) -> u8 {
+    u8::from(PUBLISHED.allows_udp_port(local_port))
 }
 
 /// `DriverUnload`: runs [`driver::driver_unload`]; when a registration could not be
@@ -212,9 +232,12 @@ pub unsafe extern "system" fn classify_port() -> u32 {
 /// Called by the loader only, once, at `PASSIVE_LEVEL`, after a successful `DriverEntry`,
 /// with `driver` this driver's object.
 unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
-    let report = driver::driver_unload(&TABLE, &DRIVER);
+    let report = driver::driver_unload(&TABLE, &DRIVER, &PUBLISHED);
     if !report.is_clean() {
-        log(format_args!("unload left registrations behind: {report:?}"));
+        let mut text = Line::new();
+        text.push_str("unload left registrations behind: ");
+        report.write_to(&mut text);
+        log(&text);
     }
     if report.keep_image_loaded {
         // SAFETY: `driver` is this driver's object, valid during `DriverUnload` (this
@@ -222,8 +245,10 @@ unsafe extern "system" fn driver_unload(driver: *mut DriverObject) {
         // at PASSIVE_LEVEL. The reference is leaked on purpose: while it is held the I/O
         // manager keeps the object, and so the image, loaded.
         unsafe { ObfReferenceObject(driver.cast()) };
-        log(format_args!(
-            "DriverUnload: took a reference on the driver object; the image stays loaded"
-        ));
+        let mut text = Line::new();
+        text.push_str(
+            "DriverUnload: took a reference on the driver object; the image stays loaded",
+        );
+        log(&text);
     }
 }

@@ -3,14 +3,16 @@
 //! Everything of the image that names `wdk-sys`, `wdk-alloc` or `wdk-panic` is in this file:
 //! the global allocator, the panic handler, the exported `DriverEntry`, the `DriverUnload`
 //! routine, and the driver's two statics over the real netio. The driver's behaviour is in
-//! `teredo_monitor_logic::driver`; its `log!` goes to `wdk::println!` (the logic crate's
-//! `wdk` feature).
+//! `teredo_monitor_logic::driver`; its `log!` goes to ntoskrnl's `DbgPrint` (the logic
+//! crate's `wdk` feature), rendered without `core::fmt`.
 
 use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 use wdk_sys::{DRIVER_OBJECT, NTSTATUS, PCUNICODE_STRING};
 
 use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::exceptions::AppliedExceptions;
+use teredo_monitor_logic::log::{Line, LogText as _};
 use teredo_monitor_logic::platform::log;
 use teredo_monitor_logic::slot::DriverSlot;
 
@@ -32,6 +34,10 @@ static TABLE: HandleTable<NetioPortSource> = HandleTable::new(NetioPortSource::n
 /// The driver's state between `DriverEntry` and `DriverUnload`: its one owned place.
 static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot::new();
 
+/// The exception set the driver's tracker has applied: what a classify function reads, one
+/// load from this static and no `unsafe` (`AppliedExceptions::allows_udp_port`).
+static PUBLISHED: AppliedExceptions = AppliedExceptions::new();
+
 /// `DriverEntry`: runs [`driver::driver_entry`] and sets `DriverUnload` when it succeeds
 /// (on failure the I/O manager unloads the image without calling `DriverUnload`, and
 /// `driver_entry` has already undone its steps).
@@ -48,7 +54,7 @@ pub unsafe extern "system" fn driver_entry(
     driver: &mut DRIVER_OBJECT,
     _registry_path: PCUNICODE_STRING,
 ) -> NTSTATUS {
-    let status = driver::driver_entry(&TABLE, &DRIVER, DriverConfig::default());
+    let status = driver::driver_entry(&TABLE, &DRIVER, &PUBLISHED, DriverConfig::default());
     if status.is_success() {
         driver.DriverUnload = Some(driver_unload);
     }
@@ -63,9 +69,12 @@ pub unsafe extern "system" fn driver_entry(
 /// Called by the I/O manager only, once, at `PASSIVE_LEVEL`, after a successful
 /// `DriverEntry` set it, with `driver` this driver's object.
 unsafe extern "C" fn driver_unload(driver: *mut DRIVER_OBJECT) {
-    let report = driver::driver_unload(&TABLE, &DRIVER);
+    let report = driver::driver_unload(&TABLE, &DRIVER, &PUBLISHED);
     if !report.is_clean() {
-        log(format_args!("unload left registrations behind: {report:?}"));
+        let mut text = Line::new();
+        text.push_str("unload left registrations behind: ");
+        report.write_to(&mut text);
+        log(&text);
     }
     if report.keep_image_loaded {
         // SAFETY: `driver` is this driver's object, valid during `DriverUnload` (this
@@ -74,8 +83,10 @@ unsafe extern "C" fn driver_unload(driver: *mut DRIVER_OBJECT) {
         // manager keeps the object, and so the image, loaded for the notifications netio may
         // still deliver into it (`teredo_monitor_logic::driver`'s documentation).
         unsafe { wdk_sys::ntddk::ObfReferenceObject(driver.cast()) };
-        log(format_args!(
-            "DriverUnload: took a reference on the driver object; the image stays loaded"
-        ));
+        let mut text = Line::new();
+        text.push_str(
+            "DriverUnload: took a reference on the driver object; the image stays loaded",
+        );
+        log(&text);
     }
 }

@@ -4,8 +4,10 @@
 //! checks. Exits non-zero when a check fails or the machine stops.
 //!
 //! ```text
-//! kernel-box                 # our teredo-monitor .sys, built now; checks its log too
+//! kernel-box                 # our teredo-monitor .sys, built now; checks its log too;
+//!                            # last, its size against the C reference driver's
 //! kernel-box --image PATH    # any WDM driver image; checks the kernel model's records
+//! kernel-box --sizes         # the size table: ours, ours without its log, the C driver
 //! ```
 //!
 //! What this proves and what it does not: `docs/harness.md`.
@@ -63,18 +65,140 @@ mod host {
     }
 
     fn usage() -> ExitCode {
-        eprintln!("usage: kernel-box [--image PATH]");
-        eprintln!("  without --image: builds examples/teredo-monitor into its .sys and runs it");
+        eprintln!("usage: kernel-box [--image PATH | --sizes]");
+        eprintln!("  without options: builds examples/teredo-monitor into its .sys and runs it");
         eprintln!("  --image PATH:    loads the given x64 WDM driver image instead");
+        eprintln!("  --sizes:         builds the images and prints their sizes (PERFORMANCE.md)");
         ExitCode::from(2)
     }
 
-    /// `Some(path)` for `--image PATH`, `None` for no arguments, `Err` for anything else.
-    fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<PathBuf>, ()> {
+    /// What to do.
+    enum Mode {
+        /// Build and run our image.
+        Ours,
+        /// Run the given image.
+        Image(PathBuf),
+        /// Print the size table.
+        Sizes,
+    }
+
+    fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Mode, ()> {
         match (args.next().as_deref(), args.next(), args.next()) {
-            (None, _, _) => Ok(None),
-            (Some("--image"), Some(path), None) => Ok(Some(PathBuf::from(path))),
+            (None, _, _) => Ok(Mode::Ours),
+            (Some("--image"), Some(path), None) => Ok(Mode::Image(PathBuf::from(path))),
+            (Some("--sizes"), None, _) => Ok(Mode::Sizes),
             _ => Err(()),
+        }
+    }
+
+    /// The goal on our image's size against the C reference driver's.
+    const SIZE_GOAL: f64 = 3.0;
+
+    /// `ratio sys_size_vs_c VALUE goal <=3 VERDICT (OURS B / C B)`, the format of the
+    /// benchmarks' ratio lines.
+    fn size_ratio_line(name: &str, ours: usize, c: usize, goal: Option<f64>) -> String {
+        #[allow(clippy::cast_precision_loss, reason = "sizes far below 2^52")]
+        let value = ours as f64 / c as f64;
+        let (goal, verdict) = match goal {
+            Some(goal) => (
+                format!("<={goal}"),
+                if value <= goal { "met" } else { "MISSED" },
+            ),
+            None => ("none".to_owned(), "info"),
+        };
+        format!("ratio {name} {value:.3} goal {goal} {verdict} ({ours} B / {c} B)")
+    }
+
+    /// One row of the size table.
+    fn size_row(what: &str, image: &[u8]) -> Result<sysbuild::ImageSizes, String> {
+        let sizes = sysbuild::image_sizes(image)?;
+        println!(
+            "    {what:<44} {:>6} bytes   code {:>6}   other sections {:>6}",
+            sizes.file, sizes.code, sizes.other_sections
+        );
+        Ok(sizes)
+    }
+
+    /// The C reference driver's image, when mingw-w64 is here.
+    fn c_image() -> Result<Vec<u8>, String> {
+        if !sysbuild::MINGW_AVAILABLE {
+            return Err(format!(
+                "{} was not found when kernel-box was built",
+                sysbuild::MINGW_GCC
+            ));
+        }
+        let path = sysbuild::build_c_reference()?;
+        std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+    }
+
+    /// Our image's size against the C reference driver's (the end of the main job).
+    fn print_size_comparison(ours: &[u8]) {
+        section("image size against the C reference driver (examples/c-reference, mingw-w64)");
+        let c = match c_image() {
+            Ok(c) => c,
+            Err(error) => {
+                println!("    C reference driver not built: {error}");
+                return;
+            }
+        };
+        let rows = size_row("teredo_monitor.sys (release, rust-lld)", ours)
+            .and_then(|o| Ok((o, size_row("teredo_reference.sys (gcc -O2, GNU ld)", &c)?)));
+        match rows {
+            Ok((o, r)) => println!(
+                "    {}",
+                size_ratio_line("sys_size_vs_c", o.file, r.file, Some(SIZE_GOAL))
+            ),
+            Err(error) => println!("    {error}"),
+        }
+    }
+
+    /// `--sizes`: builds our release image, the same without the driver's log, and the C
+    /// reference driver; prints their sizes and the ratios.
+    fn sizes() -> ExitCode {
+        let built = (|| {
+            let ours = sysbuild::sys_image()?.to_vec();
+            let path = sysbuild::build_variant(sysbuild::Variant::NoLog)?;
+            let quiet = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok::<_, String>((ours, quiet, c_image()?))
+        })();
+        let (ours, quiet, c) = match built {
+            Ok(images) => images,
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        section(
+            "image sizes (file; code = executable sections; other = the rest, by virtual size)",
+        );
+        let rows = (|| {
+            Ok::<_, String>((
+                size_row("teredo_monitor.sys (release)", &ours)?,
+                size_row("teredo_monitor.sys (release, no-log)", &quiet)?,
+                size_row("teredo_reference.sys (C, gcc -O2)", &c)?,
+            ))
+        })();
+        match rows {
+            Ok((o, q, r)) => {
+                println!(
+                    "    the driver's log: {} bytes of file, {} of code",
+                    o.file.saturating_sub(q.file),
+                    o.code.saturating_sub(q.code)
+                );
+                println!(
+                    "{}",
+                    size_ratio_line("sys_size_vs_c", o.file, r.file, Some(SIZE_GOAL))
+                );
+                println!(
+                    "{}",
+                    size_ratio_line("sys_size_no_log_vs_c", q.file, r.file, None)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                ExitCode::FAILURE
+            }
         }
     }
 
@@ -85,8 +209,11 @@ mod host {
     }
 
     pub(super) fn main() -> ExitCode {
-        let Ok(image) = parse_args(std::env::args().skip(1)) else {
-            return usage();
+        let image = match parse_args(std::env::args().skip(1)) {
+            Ok(Mode::Ours) => None,
+            Ok(Mode::Image(path)) => Some(path),
+            Ok(Mode::Sizes) => return sizes(),
+            Err(()) => return usage(),
         };
         let subject = if image.is_some() {
             Subject::Foreign
@@ -154,6 +281,10 @@ mod host {
                 println!("    {error}");
                 checks.check(false, format!("the image loads into the harness: {error}"));
             }
+        }
+
+        if subject == Subject::Ours {
+            print_size_comparison(&sys);
         }
 
         section("final checks");

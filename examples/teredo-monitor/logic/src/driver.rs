@@ -10,12 +10,14 @@
 //!
 //! ```text
 //! driver_entry:  register (with the event logger, initial notification)
-//!             -> subscribe the exception tracker (snapshot first)
+//!             -> subscribe the exception tracker (snapshot first; from then on it
+//!                publishes every applied set in the AppliedExceptions word classify reads)
 //!             -> move the state into the DriverSlot          => STATUS_SUCCESS
 //!   a failing step undoes the steps before it (cancel the registration) and returns its
 //!   status; the platform sets DriverUnload only on success.
 //! driver_unload: take the state out of the slot -> cancel the registration (waits for a
 //!                callback in flight) -> free it -> tear the handle table down
+//!                -> AppliedExceptions back to "not loaded"
 //!                -> if a registration could not be cancelled: keep the image loaded
 //! ```
 //!
@@ -36,10 +38,11 @@ use core::fmt;
 
 use teredo_watcher::{
     Error, HandleTable, Irql, Kernel, PortSource, TeardownReport, TeredoEvent, TeredoExceptions,
-    TeredoPort, TeredoPortWatcher, WatcherOptions,
+    TeredoPortWatcher, WatcherOptions,
 };
 
-use crate::exceptions::{ExceptionChange, ExceptionTracker, event_name};
+use crate::exceptions::{AppliedExceptions, ExceptionChange, ExceptionTracker, event_name};
+use crate::log::{Line, LogText, Port};
 use crate::slot::DriverSlot;
 use crate::status::NtStatus;
 
@@ -108,13 +111,27 @@ pub enum EntryStep {
     StoreState,
 }
 
-impl fmt::Display for EntryStep {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl EntryStep {
+    /// The step as the log names it.
+    #[must_use]
+    pub const fn describe(self) -> &'static str {
+        match self {
             EntryStep::Register => "step 1/3 (register: NotifyTeredoPortChange)",
             EntryStep::SubscribeExceptions => "step 2/3 (subscribe the exception tracker)",
             EntryStep::StoreState => "step 3/3 (store the driver state)",
-        })
+        }
+    }
+}
+
+impl LogText for EntryStep {
+    fn write_to(&self, line: &mut Line) {
+        line.push_str(self.describe());
+    }
+}
+
+impl fmt::Display for EntryStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.describe())
     }
 }
 
@@ -124,18 +141,6 @@ fn irql<S: PortSource>() -> Irql {
     <S::Kernel as Kernel>::current_irql()
 }
 
-/// A port or "none", for the log.
-struct Port(Option<TeredoPort>);
-
-impl fmt::Display for Port {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(p) => fmt::Display::fmt(&p, f),
-            None => f.write_str("none"),
-        }
-    }
-}
-
 /// The event logger, installed before registration so it sees the initial notification.
 /// Runs at the IRQL of the OS callback (`<= DISPATCH_LEVEL`): no allocation, no wait.
 fn event_logger<K: Kernel>() -> impl FnMut(TeredoEvent) + Send + 'static {
@@ -143,37 +148,50 @@ fn event_logger<K: Kernel>() -> impl FnMut(TeredoEvent) + Send + 'static {
     move |event| {
         seen = seen.saturating_add(1);
         log!(
-            "event #{seen}: {} port={} at {}",
+            "event #",
+            seen,
+            ": ",
             event_name(&event),
+            " port=",
             Port(event.port()),
+            " at ",
             K::current_irql()
         );
     }
 }
 
-/// The exception tracker: applies each event to the exception set and logs the set.
-/// Same IRQL rules as [`event_logger`].
-fn exception_subscriber() -> impl FnMut(TeredoEvent) + Send + 'static {
+/// The exception tracker: applies each event to the exception set, publishes the set for
+/// classify ([`AppliedExceptions::publish`]) and logs it. Same IRQL rules as
+/// [`event_logger`].
+fn exception_subscriber(
+    published: &'static AppliedExceptions,
+) -> impl FnMut(TeredoEvent) + Send + 'static {
     let mut tracker = ExceptionTracker::new();
     move |event| {
         let change = tracker.update(event);
+        published.publish(tracker.applied());
         if let TeredoEvent::Snapshot { port } = event {
             log!(
-                "  exception tracker subscribed (snapshot port={}): {{{}}}",
+                "  exception tracker subscribed (snapshot port=",
                 Port(port),
-                tracker.applied()
+                "): {",
+                tracker.applied(),
+                "}"
             );
             return;
         }
         match change {
             ExceptionChange::Updated { opened, closed } => log!(
-                "  exceptions updated (open {}, close {}): {{{}}}",
+                "  exceptions updated (open ",
                 Port(opened),
+                ", close ",
                 Port(closed),
-                tracker.applied()
+                "): {",
+                tracker.applied(),
+                "}"
             ),
             ExceptionChange::Unchanged => {
-                log!("  exceptions unchanged: {{{}}}", tracker.applied());
+                log!("  exceptions unchanged: {", tracker.applied(), "}");
             }
         }
     }
@@ -207,27 +225,41 @@ fn roll_back<S: PortSource>(table: &HandleTable<S>, watcher: TeredoPortWatcher<'
     match watcher.unregister() {
         Ok(()) => log!("  rolled back: registration cancelled"),
         Err(error) => {
-            log!("  rollback: cancel failed ({error}); tearing the handle table down");
+            log!(
+                "  rollback: cancel failed (",
+                error,
+                "); tearing the handle table down"
+            );
             match table.teardown() {
                 Ok(report) => log!(
-                    "  rollback: teardown cancelled {}, failed {}",
+                    "  rollback: teardown cancelled ",
                     report.cancelled,
+                    ", failed ",
                     report.failed
                 ),
-                Err(error) => log!("  rollback: teardown refused: {error}"),
+                Err(error) => log!("  rollback: teardown refused: ", error),
             }
         }
     }
 }
 
 /// The steps of `DriverEntry` up to a complete state (see the module documentation).
-fn load<S: PortSource>(
-    table: &HandleTable<S>,
+fn load<'t, S: PortSource>(
+    table: &'t HandleTable<S>,
+    published: &'static AppliedExceptions,
     config: DriverConfig,
-) -> Result<TeredoMonitor<'_, S>, (EntryStep, NtStatus)> {
+) -> Result<TeredoMonitor<'t, S>, (EntryStep, NtStatus)> {
     let failed = |step: EntryStep, error: &Error| {
         let status = NtStatus::from_error(error);
-        log!("DriverEntry: {step} failed: {error} (status {status})");
+        log!(
+            "DriverEntry: ",
+            step,
+            " failed: ",
+            *error,
+            " (status ",
+            status,
+            ")"
+        );
         (step, status)
     };
 
@@ -240,27 +272,30 @@ fn load<S: PortSource>(
     )
     .map_err(|e| failed(EntryStep::Register, &e))?;
     log!(
-        "DriverEntry: registered; GetTeredoPort seeded port={}",
+        "DriverEntry: registered; GetTeredoPort seeded port=",
         Port(watcher.current_port())
     );
     if let Some(error) = watcher.seed_error() {
         // Not a failure of DriverEntry: the port is learnt from the next notification.
-        log!("DriverEntry: the seed failed: {error}");
+        log!("DriverEntry: the seed failed: ", error);
     }
 
     // Step 2. Undo: cancel the registration.
-    if let Err(error) = watcher.subscribe_with_snapshot(exception_subscriber()) {
+    if let Err(error) = watcher.subscribe_with_snapshot(exception_subscriber(published)) {
         let failure = failed(EntryStep::SubscribeExceptions, &error);
         roll_back(table, watcher);
+        published.clear();
         return Err(failure);
     }
 
     Ok(TeredoMonitor { watcher })
 }
 
-/// The body of `DriverEntry`: registers, subscribes the exception tracker and stores the
-/// state in `slot`. Returns `STATUS_SUCCESS`, or the status of the step that failed after
-/// undoing the steps before it (nothing stays registered, nothing stays allocated).
+/// The body of `DriverEntry`: registers, subscribes the exception tracker (which publishes
+/// the exception set in `published` from its first event on) and stores the state in
+/// `slot`. Returns `STATUS_SUCCESS`, or the status of the step that failed after undoing
+/// the steps before it (nothing stays registered, nothing stays allocated, `published`
+/// reads "not loaded").
 ///
 /// The caller (the platform's `DriverEntry`) sets `DriverUnload` only on success.
 ///
@@ -270,13 +305,15 @@ fn load<S: PortSource>(
 pub fn driver_entry<'t, S: PortSource>(
     table: &'t HandleTable<S>,
     slot: &DriverSlot<TeredoMonitor<'t, S>>,
+    published: &'static AppliedExceptions,
     config: DriverConfig,
 ) -> NtStatus {
     log!(
-        "DriverEntry at {}: registering for Teredo port changes (initial notification on)",
-        irql::<S>()
+        "DriverEntry at ",
+        irql::<S>(),
+        ": registering for Teredo port changes (initial notification on)"
     );
-    let monitor = match load(table, config) {
+    let monitor = match load(table, published, config) {
         Ok(monitor) => monitor,
         Err((_, status)) => return status,
     };
@@ -286,25 +323,32 @@ pub fn driver_entry<'t, S: PortSource>(
         Ok(boxed) => boxed,
         Err(monitor) => {
             log!(
-                "DriverEntry: {} failed: out of memory (status {})",
+                "DriverEntry: ",
                 EntryStep::StoreState,
-                NtStatus::INSUFFICIENT_RESOURCES
+                " failed: out of memory (status ",
+                NtStatus::INSUFFICIENT_RESOURCES,
+                ")"
             );
             roll_back(table, monitor.watcher);
+            published.clear();
             return NtStatus::INSUFFICIENT_RESOURCES;
         }
     };
     if let Err(refused) = slot.put(boxed) {
         log!(
-            "DriverEntry: {} failed: a driver state is already loaded (status {})",
+            "DriverEntry: ",
             EntryStep::StoreState,
-            NtStatus::OBJECT_NAME_COLLISION
+            " failed: a driver state is already loaded (status ",
+            NtStatus::OBJECT_NAME_COLLISION,
+            ")"
         );
         let TeredoMonitor { watcher } = *refused;
         roll_back(table, watcher);
+        // `published` is not cleared: it belongs to the state already in the slot, whose
+        // tracker follows the same port and publishes every later change.
         return NtStatus::OBJECT_NAME_COLLISION;
     }
-    log!("DriverEntry: loaded (status {})", NtStatus::SUCCESS);
+    log!("DriverEntry: loaded (status ", NtStatus::SUCCESS, ")");
     NtStatus::SUCCESS
 }
 
@@ -336,10 +380,55 @@ impl UnloadReport {
     }
 }
 
+/// The teardown's outcome for the log, without `Debug`: `had state H, notifications N,
+/// unregister ok|failed: ERR|none, teardown cancelled C, failed F, skipped in a callback K
+/// [, first error: ERR]` or `teardown refused: ERR`.
+impl LogText for UnloadReport {
+    fn write_to(&self, line: &mut Line) {
+        line.push_str(if self.had_state {
+            "had state, notifications "
+        } else {
+            "no state, notifications "
+        })
+        .push_decimal(self.notifications);
+        match &self.unregister {
+            Some(Ok(())) => {
+                line.push_str(", unregister ok");
+            }
+            Some(Err(error)) => {
+                line.push_str(", unregister failed: ");
+                error.write_to(line);
+            }
+            None => {
+                line.push_str(", unregister none");
+            }
+        }
+        match &self.teardown {
+            Ok(report) => {
+                line.push_str(", teardown cancelled ");
+                report.cancelled.write_to(line);
+                line.push_str(", failed ");
+                report.failed.write_to(line);
+                line.push_str(", skipped in a callback ");
+                report.skipped_in_callback.write_to(line);
+                if let Some(error) = &report.first_error {
+                    line.push_str(", first error: ");
+                    error.write_to(line);
+                }
+            }
+            Err(error) => {
+                line.push_str(", teardown refused: ");
+                error.write_to(line);
+            }
+        }
+    }
+}
+
 /// The body of `DriverUnload`: takes the state out of `slot`, cancels the registration
 /// (`CancelMibChangeNotify2` waits for a callback in flight, and none runs afterwards),
 /// frees it, then tears the handle table down so that nothing registered through it can
-/// call into the image once it is unloaded.
+/// call into the image once it is unloaded; last, `published` reads "not loaded" (after the
+/// teardown, so no callback of this driver publishes again).
 ///
 /// # IRQL
 ///
@@ -347,39 +436,50 @@ impl UnloadReport {
 pub fn driver_unload<'t, S: PortSource>(
     table: &'t HandleTable<S>,
     slot: &DriverSlot<TeredoMonitor<'t, S>>,
+    published: &AppliedExceptions,
 ) -> UnloadReport {
     let (had_state, notifications, unregister) = if let Some(monitor) = slot.take() {
         let TeredoMonitor { watcher } = *monitor;
         let notifications = watcher.stats().notifications;
         log!(
-            "DriverUnload at {}: cancelling the registration (waits for a callback in flight)",
-            irql::<S>()
+            "DriverUnload at ",
+            irql::<S>(),
+            ": cancelling the registration (waits for a callback in flight)"
         );
         let result = watcher.unregister();
         match &result {
             Ok(()) => log!(
-                "DriverUnload: registration cancelled after {notifications} notifications; \
-                 no callback runs any more"
+                "DriverUnload: registration cancelled after ",
+                notifications,
+                " notifications; no callback runs any more"
             ),
             Err(error) => {
-                log!("DriverUnload: cancel failed: {error}; the handle table teardown retries it");
+                log!(
+                    "DriverUnload: cancel failed: ",
+                    error,
+                    "; the handle table teardown retries it"
+                );
             }
         }
         (true, notifications, Some(result))
     } else {
-        log!("DriverUnload at {}: no driver state", irql::<S>());
+        log!("DriverUnload at ", irql::<S>(), ": no driver state");
         (false, 0, None)
     };
     let teardown = table.teardown();
     match &teardown {
         Ok(report) => log!(
-            "DriverUnload: handle table torn down: {} left to cancel, {} failed, {} live",
+            "DriverUnload: handle table torn down: ",
             report.cancelled,
+            " left to cancel, ",
             report.failed,
-            table.live_registrations()
+            " failed, ",
+            table.live_registrations(),
+            " live"
         ),
-        Err(error) => log!("DriverUnload: teardown refused: {error}"),
+        Err(error) => log!("DriverUnload: teardown refused: ", error),
     }
+    published.clear();
     let keep_image_loaded = !teardown.as_ref().is_ok_and(TeardownReport::is_clean);
     if keep_image_loaded {
         log!(

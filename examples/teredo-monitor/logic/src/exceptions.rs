@@ -1,7 +1,9 @@
 //! The firewall side: the exception set the driver enforces for Teredo, kept current from
 //! the notifications.
 
-use teredo_watcher::{TeredoEvent, TeredoExceptions, TeredoPort};
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use teredo_watcher::{TEREDO_STATIC_PORT, TeredoEvent, TeredoExceptions, TeredoPort};
 
 /// The Teredo exception set the firewall has applied, and how it got there.
 ///
@@ -80,6 +82,102 @@ impl Default for ExceptionTracker {
     }
 }
 
+/// The exception set the tracker has applied, published for the driver's classify function:
+/// one atomic word, `const`-constructible, so a driver keeps it in a `static` and a classify
+/// function reads it with one load from a static address and no `unsafe`.
+///
+/// The word is [`NOT_LOADED`](Self::NOT_LOADED) while no tracker of a loaded driver has
+/// published (before the subscription's snapshot, after a failed `DriverEntry`, after
+/// `DriverUnload`), `0` while the set has no dynamic port, else the dynamic port. The static
+/// port and the multicast group are constants of the set ([`TeredoExceptions::for_port`]).
+///
+/// # Ordering
+///
+/// `Relaxed` both ways: the word is the only datum published (nothing else is read on the
+/// strength of it), and one word is never torn. Writers are serialized: the tracker runs
+/// serialized in OS order (library guarantee), and `clear` runs when no callback of the
+/// driver can run any more.
+#[derive(Debug)]
+pub struct AppliedExceptions(AtomicU32);
+
+impl AppliedExceptions {
+    /// The word's value while nothing is published.
+    pub const NOT_LOADED: u32 = u32::MAX;
+
+    /// Nothing published.
+    #[must_use]
+    pub const fn new() -> Self {
+        AppliedExceptions(AtomicU32::new(Self::NOT_LOADED))
+    }
+
+    /// Publishes `exceptions` (its dynamic port; the rest is constant).
+    ///
+    /// # IRQL
+    ///
+    /// Any (one atomic store).
+    pub fn publish(&self, exceptions: TeredoExceptions) {
+        let word = exceptions.dynamic_port.map_or(0, |p| u32::from(p.get()));
+        self.0.store(word, Ordering::Relaxed);
+    }
+
+    /// Back to "not loaded".
+    ///
+    /// # IRQL
+    ///
+    /// Any (one atomic store).
+    pub fn clear(&self) {
+        self.0.store(Self::NOT_LOADED, Ordering::Relaxed);
+    }
+
+    /// The raw word: [`NOT_LOADED`](Self::NOT_LOADED), `0` (no dynamic port) or the port.
+    ///
+    /// # IRQL
+    ///
+    /// Any (one atomic load).
+    #[must_use]
+    pub fn raw(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The published set, `None` while nothing is published.
+    ///
+    /// # IRQL
+    ///
+    /// Any (one atomic load).
+    #[must_use]
+    pub fn get(&self) -> Option<TeredoExceptions> {
+        match self.raw() {
+            Self::NOT_LOADED => None,
+            word => Some(TeredoExceptions::for_port(
+                u16::try_from(word).ok().and_then(TeredoPort::new),
+            )),
+        }
+    }
+
+    /// The per-packet check of a classify function: whether UDP traffic on local port
+    /// `port` is Teredo traffic the published set allows; `false` while nothing is published.
+    ///
+    /// # IRQL
+    ///
+    /// Any (one atomic load).
+    #[must_use]
+    #[inline]
+    pub fn allows_udp_port(&self, port: u16) -> bool {
+        // `TeredoExceptions::allows_udp_port` of `get()`, on the word itself (the tests
+        // compare the two for every port): `NOT_LOADED` is no `u16`, so it matches no port,
+        // and a word of 0 (no dynamic port) must not match port 0.
+        let word = self.raw();
+        (port == TEREDO_STATIC_PORT && word != Self::NOT_LOADED)
+            || (port != 0 && u32::from(port) == word)
+    }
+}
+
+impl Default for AppliedExceptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A short, stable name for an event in the log.
 #[must_use]
 pub fn event_name(event: &TeredoEvent) -> &'static str {
@@ -96,6 +194,59 @@ pub fn event_name(event: &TeredoEvent) -> &'static str {
 #[cfg(all(test, feature = "host-mock"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applied_exceptions_publish_and_clear() {
+        let applied = AppliedExceptions::new();
+        assert_eq!(applied.get(), None);
+        assert_eq!(applied.raw(), AppliedExceptions::NOT_LOADED);
+        assert!(
+            !applied.allows_udp_port(3544),
+            "nothing is allowed before a publish"
+        );
+        applied.publish(TeredoExceptions::for_port(None));
+        assert_eq!(applied.raw(), 0);
+        assert!(applied.allows_udp_port(3544));
+        assert!(!applied.allows_udp_port(0));
+        assert!(!applied.allows_udp_port(49_152));
+        applied.publish(TeredoExceptions::for_port(port(49_152)));
+        assert_eq!(applied.raw(), 49_152);
+        assert_eq!(
+            applied.get(),
+            Some(TeredoExceptions::for_port(port(49_152)))
+        );
+        assert!(applied.allows_udp_port(49_152));
+        assert!(applied.allows_udp_port(3544));
+        assert!(!applied.allows_udp_port(49_153));
+        applied.clear();
+        assert_eq!(applied.get(), None);
+        assert!(!applied.allows_udp_port(49_152));
+    }
+
+    #[test]
+    fn applied_exceptions_check_is_the_library_check_for_every_port() {
+        let applied = AppliedExceptions::new();
+        for published in [
+            None,
+            Some(None),
+            Some(port(3544)),
+            Some(port(49_152)),
+            Some(port(65_535)),
+        ] {
+            match published {
+                None => applied.clear(),
+                Some(dynamic) => applied.publish(TeredoExceptions::for_port(dynamic)),
+            }
+            for p in 0..=u16::MAX {
+                let expected = applied.get().is_some_and(|e| e.allows_udp_port(p));
+                assert_eq!(
+                    applied.allows_udp_port(p),
+                    expected,
+                    "{published:?} port {p}"
+                );
+            }
+        }
+    }
     use teredo_watcher::{TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT};
 
     fn port(p: u16) -> Option<TeredoPort> {

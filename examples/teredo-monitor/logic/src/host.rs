@@ -1,9 +1,9 @@
 //! The host binding (feature `host-mock`): the target of `log!` on a development machine,
 //! for the scripted scenario (`src/bin/teredo-monitor-demo.rs`) and the tests.
 //!
-//! `log!` formats into a 512-byte stack buffer, as `wdk::println!` does in the driver, so
-//! the driver's callback path allocates nothing here either and the demo's allocation count
-//! covers only the driver, the library and the mock.
+//! `log!` renders into the same stack [`Line`] as in the driver, and printing it allocates
+//! nothing, so the demo's allocation count covers only the driver, the library and the mock
+//! (the tests' capture buffer does allocate, for each captured line).
 //!
 //! Besides printing, the binding can:
 //! - capture lines instead of printing them ([`capture`], for tests);
@@ -13,46 +13,11 @@
 //! - count lines that driver code logs from other threads after [`mark_unloaded`]
 //!   ([`late_callback_lines`]): any would be a callback running into an unloaded image.
 
-use core::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::string::{String, ToString};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, ThreadId};
 use std::vec::Vec;
-
-/// One formatted line, on the stack.
-struct LineBuffer {
-    bytes: [u8; 512],
-    len: usize,
-}
-
-impl LineBuffer {
-    const fn new() -> Self {
-        LineBuffer {
-            bytes: [0; 512],
-            len: 0,
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        // Only whole `str`s (or whole chars of them) are ever appended.
-        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("<log line not UTF-8>")
-    }
-}
-
-impl fmt::Write for LineBuffer {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let room = self.bytes.len() - self.len;
-        // Truncate a long line at a char boundary, as a bounded kernel buffer would.
-        let mut take = s.len().min(room);
-        while !s.is_char_boundary(take) {
-            take -= 1;
-        }
-        self.bytes[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
-        self.len += take;
-        Ok(())
-    }
-}
 
 #[derive(Default)]
 struct HostState {
@@ -96,10 +61,10 @@ fn wait(guard: MutexGuard<'static, HostState>) -> MutexGuard<'static, HostState>
         .unwrap_or_else(PoisonError::into_inner)
 }
 
+use crate::log::Line;
+
 /// The target of `log!` on the host.
-pub fn log(args: fmt::Arguments<'_>) {
-    let mut line = LineBuffer::new();
-    let _ = line.write_fmt(args);
+pub fn log(line: &Line) {
     let me = thread::current().id();
 
     let mut s = state();

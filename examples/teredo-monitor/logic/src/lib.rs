@@ -15,6 +15,7 @@
 //!   [`PortSource`](teredo_watcher::PortSource). It logs only through `log!`.
 //! - [`exceptions`], [`status`], [`slot`]: the exception set, the NTSTATUS mapping, the
 //!   driver's one owned place for its state.
+//! - [`log`]: `log!` and the [`Line`](log::Line) it renders into without `core::fmt`.
 //! - [`platform`]: the target of `log!`, chosen by feature (below).
 //! - `host` (feature `host-mock`): the host platform for the demo
 //!   (`src/bin/teredo-monitor-demo.rs`) and the tests, on `teredo_watcher::mock::MockNetio`.
@@ -27,7 +28,7 @@
 //! | feature | `log!` goes to | builds on |
 //! |---|---|---|
 //! | `host-mock` | standard output or a capture buffer (std + the library's mock) | any host |
-//! | `wdk` | `wdk::println!` | a Windows host with the WDK only (`wdk-build` refuses others) |
+//! | `wdk` | ntoskrnl's `DbgPrint` | `x86_64-pc-windows-msvc` (the image itself needs the WDK) |
 //! | `kernel-shim` | ntoskrnl's `DbgPrint` | `x86_64-pc-windows-msvc` |
 //! | none | discarded: the logic alone | type-checks for `x86_64-pc-windows-msvc` |
 #![cfg_attr(not(feature = "host-mock"), no_std)]
@@ -37,7 +38,7 @@
 extern crate alloc;
 
 #[macro_use]
-mod log;
+pub mod log;
 
 pub mod driver;
 pub mod exceptions;

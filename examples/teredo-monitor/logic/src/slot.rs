@@ -75,26 +75,6 @@ impl<T> DriverSlot<T> {
         }
     }
 
-    /// A shared reference to the state, for readers that run while the driver is loaded
-    /// (a classify function reading the current port).
-    ///
-    /// # IRQL
-    ///
-    /// Any (one atomic load).
-    ///
-    /// # Safety
-    ///
-    /// No [`take`](Self::take) (nor drop of the slot) may run until the returned reference
-    /// is dropped: a driver unregisters such readers before `DriverUnload` takes the state.
-    #[must_use]
-    pub unsafe fn peek(&self) -> Option<&T> {
-        let raw = self.ptr.load(Ordering::Acquire);
-        // SAFETY: a non-null pointer comes from `Box::into_raw` and is owned by the slot
-        // (type invariant), so it is valid and initialized; the slot never hands out `&mut T`
-        // while it owns the box, and the caller guarantees no `take` frees it meanwhile.
-        unsafe { raw.as_ref() }
-    }
-
     /// Whether the slot holds a state.
     #[must_use]
     pub fn is_occupied(&self) -> bool {

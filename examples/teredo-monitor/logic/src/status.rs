@@ -6,6 +6,8 @@
 
 use teredo_watcher::{Error, sys};
 
+use crate::log::{Line, LogText};
+
 /// An `NTSTATUS`: negative values are errors.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(transparent)]
@@ -72,8 +74,17 @@ impl core::fmt::Debug for NtStatus {
     }
 }
 
+/// `0x` and eight hexadecimal digits, as C's `%#010x`.
+impl LogText for NtStatus {
+    fn write_to(&self, line: &mut Line) {
+        line.push_hex32(self.0.cast_unsigned());
+    }
+}
+
 impl core::fmt::Display for NtStatus {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{:#010x}", self.0.cast_unsigned())
+        let mut line = Line::new();
+        self.write_to(&mut line);
+        f.write_str(line.as_str())
     }
 }

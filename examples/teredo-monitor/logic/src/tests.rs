@@ -6,12 +6,14 @@
 //! `panic = "abort"` would make cargo build the library twice, with colliding output names,
 //! for integration tests.)
 
+use std::boxed::Box;
 use std::format;
 use std::string::String;
 use std::sync::MutexGuard;
 use std::vec::Vec;
 
 use crate::driver::{self, DriverConfig, TeredoMonitor, UnloadReport};
+use crate::exceptions::AppliedExceptions;
 use crate::host;
 use crate::slot::DriverSlot;
 use crate::status::NtStatus;
@@ -28,6 +30,9 @@ type Slot<'t> = DriverSlot<TeredoMonitor<'t, MockNetio>>;
 struct Fixture {
     netio: MockNetio,
     table: HandleTable<MockNetio>,
+    /// What the driver publishes for classify; `'static` as in the driver (a `static`
+    /// there), one leaked word per test here.
+    published: &'static AppliedExceptions,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -40,18 +45,19 @@ impl Fixture {
         Fixture {
             netio,
             table,
+            published: Box::leak(Box::new(AppliedExceptions::new())),
             _serial: serial,
         }
     }
 
     /// The body of `DriverEntry` on this fixture's f.table.
     fn entry<'t>(&'t self, slot: &Slot<'t>, config: DriverConfig) -> NtStatus {
-        driver::driver_entry(&self.table, slot, config)
+        driver::driver_entry(&self.table, slot, self.published, config)
     }
 
     /// The body of `DriverUnload` on this fixture's f.table.
     fn unload<'t>(&'t self, slot: &Slot<'t>) -> UnloadReport {
-        driver::driver_unload(&self.table, slot)
+        driver::driver_unload(&self.table, slot, self.published)
     }
 }
 
@@ -81,17 +87,26 @@ fn load_follow_the_client_and_unload_cleanly() {
     let slot = Slot::new();
 
     let ((status, report), lines) = captured(|| {
+        assert_eq!(f.published.raw(), AppliedExceptions::NOT_LOADED);
         let status = f.entry(&slot, DriverConfig::default());
         f.netio.wait_idle();
+        assert_eq!(f.published.raw(), 0, "loaded, no dynamic port");
+        assert!(f.published.allows_udp_port(3544));
         let first = f.netio.client().start();
         f.netio.wait_idle();
+        assert_eq!(f.published.raw(), u32::from(first));
+        assert!(f.published.allows_udp_port(first));
         f.netio.set_callback_irql(Irql::DISPATCH_LEVEL);
         let second = f.netio.client().restart();
         f.netio.wait_idle();
         assert_ne!(first, second);
+        assert!(f.published.allows_udp_port(second) && !f.published.allows_udp_port(first));
         f.netio.client().stop();
         f.netio.wait_idle();
-        (status, f.unload(&slot))
+        assert_eq!(f.published.raw(), 0, "the client stopped");
+        let report = f.unload(&slot);
+        assert_eq!(f.published.raw(), AppliedExceptions::NOT_LOADED, "unloaded");
+        (status, report)
     });
 
     assert_eq!(status, NtStatus::SUCCESS);
@@ -200,6 +215,7 @@ fn step_2_failure_cancels_the_registration() {
     let rolled_back = position(&lines, "rolled back: registration cancelled");
     assert!(failed < rolled_back);
     assert!(!slot.is_occupied());
+    assert_eq!(f.published.raw(), AppliedExceptions::NOT_LOADED);
     assert_eq!(f.netio.live_registrations(), 0);
     assert_eq!(f.table.live_registrations(), 0);
     assert_eq!(f.netio.calls()[2], 1, "the registration was cancelled");
@@ -256,6 +272,11 @@ fn step_3_failure_when_a_state_is_loaded_rolls_back_only_its_own_registration() 
         "the loaded state keeps its registration"
     );
     assert!(slot.is_occupied());
+    assert_eq!(
+        f.published.raw(),
+        0,
+        "the loaded state's set stays published"
+    );
 
     let (report, _) = captured(|| f.unload(&slot));
     assert!(report.is_clean(), "{report:?}");
@@ -419,4 +440,92 @@ fn library_errors_map_to_documented_ntstatus_values() {
         std::format!("{}", NtStatus::INSUFFICIENT_RESOURCES),
         "0xc000009a"
     );
+}
+
+/// The driver's log renders values without `core::fmt` (`crate::log`); its text must stay
+/// the text of the library's `Display` for the same values, for every value the driver logs.
+#[test]
+fn log_text_is_the_display_text() {
+    use crate::log::{Line, LogText, Port};
+    use teredo_watcher::{IrqlBound, NetioStatus, TeredoExceptions, TeredoPort};
+
+    fn text(value: &dyn LogText) -> String {
+        let mut line = Line::new();
+        value.write_to(&mut line);
+        line.as_str().to_owned()
+    }
+    use std::borrow::ToOwned;
+    use std::string::ToString;
+
+    for raw in [0, 1, 2, 3, 15, 255] {
+        let irql = Irql::from_raw(raw);
+        assert_eq!(text(&irql), irql.to_string());
+    }
+    for p in [1, 3544, 49_152, 65_535] {
+        let port = TeredoPort::new(p).expect("non-zero");
+        assert_eq!(text(&port), port.to_string());
+        assert_eq!(
+            text(&TeredoExceptions::for_port(Some(port))),
+            TeredoExceptions::for_port(Some(port)).to_string()
+        );
+    }
+    assert_eq!(text(&Port(None)), "none");
+    assert_eq!(
+        text(&TeredoExceptions::for_port(None)),
+        TeredoExceptions::for_port(None).to_string()
+    );
+    for n in [0_u64, 7, 10, 4_294_967_295, u64::MAX] {
+        assert_eq!(text(&n), n.to_string());
+    }
+    for bits in [0_u32, 0x15, 0xC000_009A, u32::MAX] {
+        assert_eq!(text(&NtStatus(bits.cast_signed())), format!("{bits:#010x}"));
+    }
+
+    let calls = [
+        NetioCall::NotifyTeredoPortChange,
+        NetioCall::GetTeredoPort,
+        NetioCall::CancelMibChangeNotify2,
+    ];
+    let mut raws: Vec<i32> = sys::DOCUMENTED_STATUS_CODES
+        .iter()
+        .map(|(_, c)| *c)
+        .collect();
+    raws.push(0xC000_0001_u32.cast_signed());
+    raws.push(12_345);
+    let mut errors = Vec::new();
+    for call in calls {
+        for &raw in &raws {
+            errors.push(Error::from_status(call, raw));
+        }
+    }
+    for bound in [
+        IrqlBound::Passive,
+        IrqlBound::BelowDispatch,
+        IrqlBound::AtMostDispatch,
+    ] {
+        errors.push(Error::IrqlTooHigh {
+            operation: "TeredoPortWatcher::new",
+            current: Irql::DISPATCH_LEVEL,
+            required: bound,
+        });
+    }
+    errors.extend([
+        Error::CancelFromCallback,
+        Error::SubscriberTableFull { capacity: 2 },
+        Error::UnknownSubscriber,
+        Error::HandleTableFull { capacity: 64 },
+        Error::HandleTableClosed,
+        Error::AllocationFailed { bytes: 504 },
+    ]);
+    let mut variants = std::collections::HashSet::new();
+    for error in &errors {
+        assert_eq!(text(error), error.to_string(), "{error:?}");
+        variants.insert(std::mem::discriminant(error));
+    }
+    // Every variant the library has today (6 netio ones, then 7 others).
+    assert_eq!(variants.len(), 13, "a variant is missing from this test");
+    for raw in raws {
+        let status = NetioStatus(raw);
+        assert_eq!(text(&status), status.to_string());
+    }
 }

@@ -15,6 +15,7 @@ use std::thread;
 use std::time::Duration;
 
 use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::exceptions::AppliedExceptions;
 use teredo_monitor_logic::host;
 use teredo_monitor_logic::slot::DriverSlot;
 use teredo_monitor_logic::status::NtStatus;
@@ -78,6 +79,9 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
+/// The exception set the driver publishes for classify, a `static` as in the driver image.
+static PUBLISHED: AppliedExceptions = AppliedExceptions::new();
+
 #[derive(Clone, Copy)]
 struct Counts {
     allocations: usize,
@@ -114,7 +118,7 @@ fn run(netio: &MockNetio) -> Observed {
     let slot: DriverSlot<TeredoMonitor<'_, MockNetio>> = DriverSlot::new();
 
     scenario("the Teredo client is stopped; the OS loads the driver (DriverEntry)");
-    let entry = driver::driver_entry(&table, &slot, DriverConfig::default());
+    let entry = driver::driver_entry(&table, &slot, &PUBLISHED, DriverConfig::default());
     netio.wait_idle();
 
     scenario("the Teredo client starts");
@@ -153,7 +157,7 @@ fn run(netio: &MockNetio) -> Observed {
         scenario("(200 ms later) the held callback finishes its work");
         host::release_held_callback();
     });
-    let report = driver::driver_unload(&table, &slot);
+    let report = driver::driver_unload(&table, &slot, &PUBLISHED);
     if report.keep_image_loaded {
         host::keep_image_loaded();
     }
