@@ -273,6 +273,8 @@ impl<S: PortSource> HandleTable<S> {
         }
         // Each entry is tried at most once per teardown (`MAX_REGISTRATIONS <= 64`).
         let mut attempted = 0u64;
+        // Entries counted in `skipped_in_callback` (each at most once).
+        let mut skipped = 0u64;
         loop {
             // Registrations and cancels in progress finish before we look.
             self.wait_while_in_progress(OP)?;
@@ -300,6 +302,7 @@ impl<S: PortSource> HandleTable<S> {
                     }
                     attempted |= bit;
                     if entry.in_callback_on_current_thread() {
+                        skipped |= bit;
                         report.skipped_in_callback += 1;
                         report.first_error.get_or_insert(Error::CancelFromCallback);
                         continue;
@@ -343,7 +346,7 @@ impl<S: PortSource> HandleTable<S> {
             }
         }
         // Entries still in progress here wait for a callback this thread runs.
-        report.skipped_in_callback += self.count_in_progress(OP, true)?;
+        report.skipped_in_callback += self.in_progress_in_own_callback(OP, skipped)?;
         let unused = take_buffer_if_unused(&mut *self.lock(OP)?);
         drop(unused);
         Ok(report)
@@ -400,18 +403,23 @@ impl<S: PortSource> HandleTable<S> {
         }))
     }
 
-    /// How many entries are in progress whose callback the calling thread runs
-    /// (`in_callback`), or does not run.
-    fn count_in_progress(
+    /// How many entries outside `counted` are in progress and wait for a callback the
+    /// calling thread runs.
+    fn in_progress_in_own_callback(
         &self,
         operation: &'static str,
-        in_callback: bool,
+        counted: u64,
     ) -> Result<usize, Error> {
         let inner = self.lock(operation)?;
         Ok(inner
             .entries
             .iter()
-            .filter(|e| e.state.in_progress() && e.in_callback_on_current_thread() == in_callback)
+            .enumerate()
+            .filter(|(i, e)| {
+                counted & (1u64 << i) == 0
+                    && e.state.in_progress()
+                    && e.in_callback_on_current_thread()
+            })
             .count())
     }
 
@@ -625,14 +633,10 @@ impl<S: PortSource> HandleTable<S> {
     /// the teardown already cancelled the registration and the caller `may_free` the
     /// registry, the entry is freed and the registry handed back for the caller to free;
     /// otherwise the teardown (this one or the next) frees it after its cancel. Above
-    /// `DISPATCH_LEVEL` the lock cannot be taken: returns `None` having done nothing.
-    pub(crate) fn give_up(
-        &self,
-        id: EntryId,
-        may_free: bool,
-    ) -> Option<NonNull<Registry<S::Kernel>>> {
+    /// `DISPATCH_LEVEL` the lock cannot be taken: nothing is done.
+    pub(crate) fn give_up(&self, id: EntryId, may_free: bool) -> GiveUp<S::Kernel> {
         let Ok(mut inner) = self.lock("TeredoPortWatcher::drop") else {
-            return None;
+            return GiveUp::LockRefused;
         };
         let entry = &mut inner.entries[id.index];
         silence_and_orphan(entry);
@@ -644,10 +648,24 @@ impl<S: PortSource> HandleTable<S> {
             let unused = take_buffer_if_unused(&mut inner);
             drop(inner);
             drop(unused);
-            return registry;
+            if let Some(registry) = registry {
+                return GiveUp::Freed(registry);
+            }
         }
-        None
+        GiveUp::GivenUp
     }
+}
+
+/// What [`HandleTable::give_up`] did.
+pub(crate) enum GiveUp<K: Kernel> {
+    /// The teardown had cancelled the registration: the entry is freed, and the caller owns
+    /// the registry and frees it.
+    Freed(NonNull<Registry<K>>),
+    /// The registry is silenced and orphaned: the teardown frees it after its cancel (it may
+    /// already be doing so: the caller must not touch the registry any more).
+    GivenUp,
+    /// Above `DISPATCH_LEVEL`: the lock was refused and nothing was done.
+    LockRefused,
 }
 
 /// Silences and orphans the registry of `entry`. Under the table lock.

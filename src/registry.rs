@@ -20,9 +20,9 @@
 //! lock held, runs the rounds that `PENDING` asked for, then clears `ACTIVE`. A notification
 //! that finds `ACTIVE` set publishes its port at once (so [`current_port`] is never stale),
 //! records its event, sets `PENDING` and returns: subscribers are never called twice at once,
-//! and the newest port always reaches them, last. The extra round delivers the last recorded
-//! event with the newest port (an initial notification stays `Initial`; the seed is a
-//! `Snapshot`).
+//! and the newest port always reaches them, last. The extra round delivers a coalesced
+//! event with the newest port (an initial notification stays `Initial`; the seed, or an
+//! event that no longer agrees with the newest port, is a `Snapshot`).
 //!
 //! The spin lock guards membership (free list, deferred reclaims, id tags) and the event's
 //! clear/set pairs. Subscribe and unsubscribe take it for a few instructions; no user code,
@@ -144,9 +144,13 @@ fn coalesced_event(pending: u64, port: Option<TeredoPort>) -> TeredoEvent {
         reason = "unpacks `pending_notification`"
     )]
     let (raw_port, raw_type) = (pending as u16, ((pending >> 16) as u32).cast_signed());
+    // The record may be of a coalesced invocation older than the port (a writer records
+    // before its compare-and-swap lands), so the event is made to agree with the port: what
+    // a subscriber sees last is always `current_port()`.
     match TeredoEvent::from_raw(raw_port, raw_type, port) {
         TeredoEvent::PortChanged { .. } => TeredoEvent::PortChanged { port },
         TeredoEvent::Added { .. } => TeredoEvent::Added { port },
+        TeredoEvent::Deleted { .. } if port.is_some() => TeredoEvent::Snapshot { port },
         other => other,
     }
 }

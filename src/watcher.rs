@@ -8,7 +8,7 @@ use core::ptr::NonNull;
 use crate::alloc_util::try_box;
 use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
-use crate::handle_table::{EntryId, HandleTable};
+use crate::handle_table::{EntryId, GiveUp, HandleTable};
 use crate::irql::{self, IrqlBound};
 use crate::registry::{Registry, RegistryStats, SubscriberId};
 use crate::source::PortSource;
@@ -366,17 +366,20 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
             let may_free = !in_callback
                 && <S::Kernel as crate::Kernel>::current_irql() < crate::Irql::DISPATCH_LEVEL;
             match self.table.give_up(self.entry, may_free) {
-                Some(registry) => {
+                GiveUp::Freed(registry) => {
                     // SAFETY: `give_up` freed the entry of a registration the teardown had
                     // cancelled, so the OS no longer uses the registry and no callback of it
                     // runs (cancel waited), and this thread is not inside one (`may_free`);
                     // it came from `Box::leak` (type invariant) and is freed once, here.
                     drop(unsafe { Box::from_raw(registry.as_ptr()) });
                 }
-                None => {
-                    // Left to the teardown (orphaned under the lock already), or above
-                    // DISPATCH_LEVEL, where `give_up` could not take the lock: orphaned
-                    // without it (a teardown that already passed it leaks it).
+                // Orphaned under the lock: from the moment the lock was released, a teardown
+                // may free the registry, so this thread never touches it again.
+                GiveUp::GivenUp => {}
+                GiveUp::LockRefused => {
+                    // Above DISPATCH_LEVEL: orphaned without the lock, as this thread's last
+                    // access (a teardown that already passed the entry leaves it allocated:
+                    // a leak, never a dangling pointer).
                     self.registry().orphan();
                 }
             }

@@ -12,20 +12,39 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use teredo_watcher::mock::MockNetio;
 use teredo_watcher::{HandleTable, TeredoPortWatcher, WatcherOptions};
 
-/// Honours alignments up to 16 only, as a kernel pool allocator does; counts the requests for
-/// more.
+/// While armed, honours alignments up to 16 only, as a kernel pool allocator does, and counts
+/// the requests for more. Unarmed it is `System` (the test harness and std allocate with
+/// larger alignments too, and must get them).
 struct PoolLikeAllocator;
 
 static OVER_ALIGNED_REQUESTS: AtomicUsize = AtomicUsize::new(0);
 
+std::thread_local! {
+    static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's allocations served as a pool allocator would.
+fn pool_like<R>(f: impl FnOnce() -> R) -> R {
+    ARMED.with(|a| a.set(true));
+    let result = f();
+    ARMED.with(|a| a.set(false));
+    result
+}
+
+/// Whether this thread's allocations are served pool-like now.
+fn armed() -> bool {
+    ARMED.try_with(std::cell::Cell::get).unwrap_or(false)
+}
+
 /// Where a 16-aligned, never-32-aligned block starts inside a 64-aligned system block.
 const SKEW: usize = 16;
 
-// SAFETY: every block is a `System` block (of a layout derived from the caller's with a
-// fixed rule, so `dealloc` recomputes it), large enough for the caller's size after `SKEW`.
+// SAFETY: every block is a `System` block: of the caller's layout, or (armed, alignment above
+// 16) of a layout derived from it with a fixed rule and returned `SKEW` bytes in, which
+// `dealloc` recognises by its address and undoes; either way large enough for the caller.
 unsafe impl GlobalAlloc for PoolLikeAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.align() <= 16 {
+        if layout.align() <= 16 || !armed() {
             // SAFETY: forwarded unchanged.
             return unsafe { System.alloc(layout) };
         }
@@ -43,7 +62,7 @@ unsafe impl GlobalAlloc for PoolLikeAllocator {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if layout.align() <= 16 {
+        if layout.align() <= 16 || !skewed(ptr) {
             // SAFETY: allocated by `System` with this layout.
             return unsafe { System.dealloc(ptr, layout) };
         }
@@ -51,6 +70,12 @@ unsafe impl GlobalAlloc for PoolLikeAllocator {
         // SAFETY: `ptr` is `SKEW` bytes into the `System` block of `block` made by `alloc`.
         unsafe { System.dealloc(ptr.sub(SKEW), block) };
     }
+}
+
+/// Whether `ptr` came from the skewed path of `alloc`: those blocks are `SKEW` bytes past a
+/// 64-aligned address, which `System` never returns for a layout of alignment above 16.
+fn skewed(ptr: *mut u8) -> bool {
+    (ptr as usize) % 64 == SKEW
 }
 
 #[global_allocator]
@@ -65,7 +90,7 @@ fn the_allocator_really_misaligns_over_aligned_requests() {
     // misaligned (asked directly, so no misaligned reference is ever made).
     let layout = Layout::new::<CacheLine>();
     // SAFETY: a non-zero size.
-    let block = unsafe { ALLOCATOR.alloc(layout) };
+    let block = pool_like(|| unsafe { ALLOCATOR.alloc(layout) });
     assert!(!block.is_null());
     let address = block as usize;
     // SAFETY: allocated just above with this layout.
@@ -96,8 +121,8 @@ fn a_subscriber_aligned_to_64_is_stored_aligned() {
     let (a, c) = (Arc::clone(&aligned), Arc::clone(&called));
     let line = CacheLine([1; 64]);
     let requests_before = OVER_ALIGNED_REQUESTS.load(Ordering::SeqCst);
-    watcher
-        .subscribe(move |_event| {
+    pool_like(|| {
+        watcher.subscribe(move |_event| {
             let address = std::ptr::from_ref(&line) as usize;
             a.store(
                 address.is_multiple_of(64) && line.0[0] == 1,
@@ -105,7 +130,8 @@ fn a_subscriber_aligned_to_64_is_stored_aligned() {
             );
             c.fetch_add(1, Ordering::SeqCst);
         })
-        .expect("subscribe");
+    })
+    .expect("subscribe");
     assert_eq!(
         OVER_ALIGNED_REQUESTS.load(Ordering::SeqCst),
         requests_before,

@@ -55,7 +55,8 @@ pub enum InitialDelivery {
     /// concurrently with whatever the caller does next.
     AfterReturn,
     /// Held until the next `GetTeredoPort` call, which delivers it on the delivery thread and
-    /// waits for it before answering: the initial notification arrives while the seed runs.
+    /// waits for it (and any notification queued meanwhile) before answering: the initial
+    /// notification arrives while the seed runs.
     /// A notification queued meanwhile releases it first (it is never delivered after a
     /// later notification).
     DuringQuery,
@@ -603,11 +604,13 @@ unsafe impl PortSource for MockNetio {
             }
         }
         self.shared.changed.notify_all();
+        // Until they and whatever they queued are delivered: all of it runs while the
+        // query does.
         while s.registrations.iter().any(|(h, r)| {
             released.contains(h)
                 && !r.cancelled
                 && r.in_flight != Some(thread::current().id())
-                && (r.in_flight.is_some() || r.delivered == 0)
+                && (r.in_flight.is_some() || r.delivered == 0 || !r.queue.is_empty())
         }) {
             s = self.shared.wait(s);
         }

@@ -93,7 +93,11 @@ pub fn run_all<N: Netio>() {
     query_reports_the_client::<N>();
     the_watcher_learns_a_running_client_in_each_order::<N>();
     a_query_with_port_zero_means_no_port::<N>();
-    a_null_handle_silences_the_failed_watcher::<N>();
+    // The NULL-handle case leaks the context by design (netio keeps the registration and
+    // there is no handle to cancel it with), which Miri's leak check rightly reports.
+    if !cfg!(miri) {
+        a_null_handle_silences_the_failed_watcher::<N>();
+    }
     a_cancel_that_fails_after_waiting_is_retried_by_teardown::<N>();
     overlapping_invocations_end_on_the_newest_port::<N>();
 }
