@@ -921,13 +921,10 @@ fn library_matches_the_reference_model() {
     }
 }
 
-// regression: a watcher dropped after its cancel failed leaked its context (registry,
-// subscriber table and subscribers) for good: the teardown cancelled the registration but
-// nothing ever freed the context. Found by the leak check of the property test (and by the
-// fault sweep); fixed by `Registry::orphan` (the watcher gives the context up to the table)
-// and the teardown freeing orphaned contexts after a successful cancel. Checked here with a
-// drop flag in the subscriber (the context owns it), not with the global counter, so that
-// this test does not depend on what other tests of the binary allocate.
+// A watcher dropped after its cancel failed gives its context (registry, subscriber table,
+// subscribers) up to the table, whose teardown frees it once its own cancel succeeds.
+// Checked with a drop flag in the subscriber (the context owns it), not with the global
+// counter, so that this test does not depend on what other tests of the binary allocate.
 #[test]
 fn regression_context_of_a_watcher_whose_cancel_failed_is_freed_by_teardown() {
     struct DropFlag(Arc<std::sync::atomic::AtomicBool>);

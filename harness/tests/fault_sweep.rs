@@ -54,25 +54,17 @@
 //! - after a clean unload, a late notification on every handle the driver had is dropped and
 //!   the driver prints nothing.
 //!
-//! # Finding F1 (fixed)
+//! # What the cells assert besides the outcome
 //!
-//! `DriverEntry` at `APC_LEVEL` (outside the I/O manager's contract, which is
-//! `PASSIVE_LEVEL`) used to register, because the library allowed `TeredoPortWatcher::new`
-//! at `< DISPATCH_LEVEL` as netio does; when a later step failed, the rollback could not undo
-//! it (`unregister` and `teardown` require `PASSIVE_LEVEL`), and `DriverEntry` returned with
-//! the registration live in an image about to unload. The library now requires
-//! `PASSIVE_LEVEL` to create a watcher, so at `APC_LEVEL` step 1 is refused before netio is
-//! reached, as at `DISPATCH_LEVEL`: those cells assert that.
-//!
-//! # Other findings (not asserted either way)
-//!
-//! - Finding F2 (fixed, asserted): a failed seed's raw status did not reach the driver's
-//!   output (the library dropped it); `TeredoPortWatcher::seed_error` now keeps it and the
-//!   driver logs it, and the `seed` cells check the error text and the raw code.
-//! - `cancel@unload` (once), finding F3 (fixed, asserted): the teardown cancels the
-//!   registration (0 live, pool balanced), and the shim no longer logs `unload left
-//!   registrations behind` (`UnloadReport::is_clean` used to count the failed first cancel
-//!   even though the retry succeeded).
+//! - `DriverEntry` above `PASSIVE_LEVEL` (`APC_LEVEL` is outside the I/O manager's contract,
+//!   but within netio's `< DISPATCH_LEVEL`): creating a watcher requires `PASSIVE_LEVEL`, the
+//!   level its undo (`unregister`, `teardown`) requires, so step 1 is refused before netio is
+//!   reached and no registration can outlive a failed `DriverEntry`.
+//! - A failed seed: its raw status reaches the driver's output
+//!   (`TeredoPortWatcher::seed_error`), and the `seed` cells check the error text and code.
+//! - `cancel@unload` (once): the teardown's retry cancels the registration (0 live, pool
+//!   balanced), and the driver reports a clean unload (clean means the teardown left nothing
+//!   failed or skipped).
 //!
 //! # The documented residue (`x2` rows)
 //!
@@ -388,7 +380,7 @@ fn run_cell(
     ensure_logged(&["DriverEntry at ", irql_name(column.entry)])?;
 
     // Above PASSIVE_LEVEL (APC or DISPATCH): refused before netio is reached, whatever was
-    // injected (finding F1: creating a watcher requires the level its undo requires).
+    // injected: creating a watcher requires the level its undo requires.
     if column.entry >= kernel::APC_LEVEL {
         ensure(status == STATUS_INVALID_DEVICE_STATE, || {
             format!(
@@ -533,7 +525,7 @@ fn run_cell(
     };
     ensure_logged(&[&format!("GetTeredoPort seeded port={seeded}")])?;
     if row == Row::Seed && fails {
-        // The raw status reaches the driver's output (finding F2, fixed).
+        // The raw status reaches the driver's output.
         ensure_logged(&[
             "the seed failed: GetTeredoPort",
             documented_error_text(code),
@@ -668,7 +660,7 @@ fn run_cell(
             &hex(code),
         ])?;
         ensure_logged(&["handle table torn down: 1 left to cancel, 0 failed, 0 live"])?;
-        // The teardown's retry cancelled it: the unload is clean (finding F3, fixed).
+        // The teardown's retry cancelled it: the unload is clean.
         ensure(!logged(&["unload left registrations behind"]), || {
             "the shim reports registrations left behind after a successful retry".into()
         })?;
