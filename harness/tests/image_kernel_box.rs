@@ -1,5 +1,7 @@
-//! `kernel-box --image` on our own `.sys`: the main job's scenario on an image given by
-//! path, with every check holding; and a file that is no image fails the job.
+//! `kernel-box --image`: the main job's scenario on an image given by path, with every check
+//! holding, on our own `.sys` and on the C reference driver (`examples/c-reference/`, built
+//! with mingw-w64: a driver the harness was not fitted to; ignored, with the reason, without
+//! `x86_64-w64-mingw32-gcc`); and a file that is no image fails the job.
 #![cfg(all(target_arch = "x86_64", unix))]
 
 use std::path::Path;
@@ -73,4 +75,22 @@ fn kernel_box_fails_on_an_image_that_is_not_a_driver() {
         .expect("kernel-box runs");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!output.status.success(), "a non-image must fail the job");
+}
+
+#[test]
+#[cfg_attr(
+    not(teredo_harness_mingw),
+    ignore = "needs x86_64-w64-mingw32-gcc (apt-get install gcc-mingw-w64-x86-64)"
+)]
+fn kernel_box_runs_the_c_reference_driver_with_every_check_holding() {
+    let path = sysbuild::build_c_reference().unwrap_or_else(|e| panic!("{e}"));
+    let text = assert_all_hold(&path);
+    assert!(
+        text.contains("classify ran between every two restarts"),
+        "the reader ran against the C driver's export: {text}"
+    );
+    assert!(
+        text.contains("teredo-reference: "),
+        "its own DbgPrintEx output: {text}"
+    );
 }
