@@ -319,4 +319,19 @@ mod tests {
         assert_eq!(t.applied().dynamic_port, port(50_000));
         assert_eq!(t.changes(), 1);
     }
+
+    #[test]
+    fn the_change_counter_saturates_instead_of_overflowing() {
+        // The counter is updated on the callback path, where a debug build's overflow panic
+        // would be a bugcheck.
+        let mut t = ExceptionTracker::new();
+        t.changes = u32::MAX - 1;
+        t.update(TeredoEvent::Added { port: port(50_000) });
+        t.update(TeredoEvent::PortChanged { port: port(50_007) });
+        t.update(TeredoEvent::Deleted {
+            previous: port(50_007),
+        });
+        assert_eq!(t.changes(), u32::MAX);
+        assert_eq!(t.applied().dynamic_port, None);
+    }
 }
