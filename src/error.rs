@@ -64,6 +64,27 @@ impl fmt::Display for NetioStatus {
 }
 
 /// Everything that can fail in this crate.
+///
+/// Every netio failure keeps the call and the raw status; the documented codes have named
+/// variants, anything else is [`Error::Netio`].
+///
+/// # Examples
+///
+/// ```
+/// use teredo_watcher::{Error, NetioCall, NetioStatus, sys};
+///
+/// let e = Error::from_status(NetioCall::GetTeredoPort, sys::ERROR_NOT_READY);
+/// assert!(matches!(e, Error::TeredoNotStarted { .. }));
+/// assert_eq!(e.status(), Some(NetioStatus(21)));
+/// assert_eq!(e.call(), Some(NetioCall::GetTeredoPort));
+/// assert_eq!(
+///     e.to_string(),
+///     "GetTeredoPort: the Teredo client is not started: ERROR_NOT_READY (0x00000015)"
+/// );
+/// // An undocumented code keeps its value.
+/// let other = Error::from_status(NetioCall::CancelMibChangeNotify2, 5);
+/// assert!(matches!(other, Error::Netio { status: NetioStatus(5), .. }));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Error {

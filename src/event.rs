@@ -7,6 +7,17 @@ use crate::sys;
 
 /// A UDP port the Teredo client really uses (never zero: the C API's zero means "no port",
 /// as in the initial notification).
+///
+/// # Examples
+///
+/// ```
+/// use teredo_watcher::TeredoPort;
+///
+/// assert_eq!(TeredoPort::new(0), None, "zero is no port");
+/// let port = TeredoPort::new(50_000).expect("non-zero");
+/// assert_eq!(port.get(), 50_000);
+/// assert_eq!(port.to_string(), "udp/50000");
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(transparent)]
 pub struct TeredoPort(NonZeroU16);

@@ -34,6 +34,18 @@ impl TeredoExceptions {
 
     /// Whether inbound or outbound UDP traffic on local port `port` is Teredo traffic that
     /// these exceptions allow. Cheap enough for a classify function.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use teredo_watcher::{TeredoExceptions, TeredoPort};
+    ///
+    /// let now = TeredoExceptions::for_port(TeredoPort::new(50_000));
+    /// assert!(now.allows_udp_port(50_000));
+    /// assert!(!now.allows_udp_port(50_007));
+    /// let stopped = TeredoExceptions::for_port(None);
+    /// assert!(!stopped.allows_udp_port(50_000));
+    /// ```
     #[must_use]
     pub const fn allows_udp_port(&self, port: u16) -> bool {
         if port == self.static_port {

@@ -115,6 +115,31 @@ pub struct RegistrationInfo {
 }
 
 /// The host mock of netio's Teredo API (cheap to clone; clones share one state).
+///
+/// # Examples
+///
+/// A Teredo client that starts and restarts, a failure injected on the next cancel, and the
+/// initial notification delivered after `NotifyTeredoPortChange` returned:
+///
+/// ```
+/// use teredo_watcher::mock::{InitialDelivery, MockNetio};
+/// use teredo_watcher::{HandleTable, NetioCall, TeredoPortWatcher, WatcherOptions, sys};
+///
+/// let netio = MockNetio::new();
+/// netio.set_initial_delivery(InitialDelivery::AfterReturn);
+/// let table = HandleTable::new(netio.clone());
+/// let watcher = TeredoPortWatcher::new(&table, WatcherOptions::default())?;
+/// let port = netio.client().start();
+/// netio.wait_idle();
+/// assert_eq!(watcher.current_port().map(|p| p.get()), Some(port));
+///
+/// netio.fail_next(NetioCall::CancelMibChangeNotify2, sys::STATUS_INVALID_PARAMETER);
+/// assert!(watcher.unregister().is_err(), "the cancel failed: left to the teardown");
+/// assert_eq!(netio.live_registrations(), 1);
+/// assert!(table.teardown()?.is_clean());
+/// assert_eq!(netio.live_registrations(), 0);
+/// # Ok::<(), teredo_watcher::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct MockNetio {
     shared: Arc<Shared>,
