@@ -251,6 +251,15 @@ impl<S: PortSource> HandleTable<S> {
     /// counts that one (and any whose setup or cancel waits for that callback) as skipped;
     /// it never waits for the callback it runs in.
     ///
+    /// `PASSIVE_LEVEL` subscribers
+    /// ([`subscribe_passive`](crate::TeredoPortWatcher::subscribe_passive)) of every
+    /// registration it cancels or finds cancelled are closed, and their work items waited
+    /// for: a call in flight finishes, a queued one runs as a no-op, none starts after this
+    /// returns, and their closures are dropped here (except one whose call runs this
+    /// teardown: it is only closed). Those watchers accept no new passive subscriber
+    /// ([`Error::HandleTableClosed`]). A watcher that cancels its own registration
+    /// concurrently waits for its passive subscribers in its own drop.
+    ///
     /// Watchers still alive afterwards stay valid: their callbacks no longer run,
     /// [`current_port`](crate::TeredoPortWatcher::current_port) keeps the last port, and
     /// dropping them frees their memory without cancelling twice.
@@ -345,11 +354,45 @@ impl<S: PortSource> HandleTable<S> {
                 break;
             }
         }
+        self.drain_passive(OP)?;
         // Entries still in progress here wait for a callback this thread runs.
         report.skipped_in_callback += self.in_progress_in_own_callback(OP, skipped)?;
         let unused = take_buffer_if_unused(&mut *self.lock(OP)?);
         drop(unused);
         Ok(report)
+    }
+
+    /// Closes the `PASSIVE_LEVEL` subscribers of every cancelled registration (by this
+    /// teardown or an earlier one) and waits for their work items: a call in flight finishes,
+    /// a queued one runs as a no-op, and the closures are dropped here. A subscriber whose
+    /// call is running on this thread (a teardown from inside it) is only closed. Each core
+    /// is taken with a reference under the locks, then waited for without them, so a watcher
+    /// that frees its registry meanwhile cannot free the core under this thread.
+    fn drain_passive(&self, operation: &'static str) -> Result<(), Error> {
+        let mut index = 0;
+        loop {
+            let core = {
+                let inner = self.lock(operation)?;
+                let Some(entry) = inner.entries.get(index) else {
+                    return Ok(());
+                };
+                let (EntryState::Cancelled, Some(registry)) = (&entry.state, &entry.registry)
+                else {
+                    index += 1;
+                    continue;
+                };
+                // SAFETY: the entry is not `Free`, so its registry is alive (`Entry`
+                // invariant) while the table lock is held.
+                let Some(core) = unsafe { registry.0.as_ref() }.close_passive(operation)? else {
+                    index += 1;
+                    continue;
+                };
+                core
+            };
+            core.wait_idle(operation)?;
+            core.drop_callback_if_idle();
+            drop(core);
+        }
     }
 
     /// Waits (at `PASSIVE_LEVEL`) until no registration or cancel is in progress, except

@@ -4,14 +4,17 @@
 //! table and watcher run on the Windows kernel ([`crate::nt::NtKernel`]) and on the host mock
 //! (`mock::MockKernel`), the way Rust-for-Linux's lock `Backend` does.
 
+use core::ffi::c_void;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
+use core::ptr::NonNull;
 
 use alloc::boxed::Box;
 
 use crate::error::Error;
 use crate::irql::{Irql, IrqlBound};
 use crate::sync::UnsafeCell;
+use crate::sys;
 
 /// An opaque identity of the current thread, never zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,7 +33,8 @@ impl ThreadToken {
     }
 }
 
-/// The kernel services the library needs: IRQL, spin locks, thread identity, events.
+/// The kernel services the library needs: IRQL, spin locks, thread identity, events, work
+/// items.
 ///
 /// # Safety
 ///
@@ -47,7 +51,11 @@ impl ThreadToken {
 ///   `NotificationEvent`): [`event_set`](Kernel::event_set) signals it and releases every
 ///   thread in [`event_wait`](Kernel::event_wait) and every later wait until
 ///   [`event_clear`](Kernel::event_clear); a set happens-before the return of a wait it
-///   releases.
+///   releases;
+/// - the work item functions behave as `IoInitializeWorkItem`, `IoQueueWorkItemEx` on the
+///   `DelayedWorkQueue`, and `IoUninitializeWorkItem`: a queued item's routine runs exactly
+///   once per queueing, at `PASSIVE_LEVEL`, on a thread that is not the queueing thread's
+///   current call stack, and the queueing call happens-before the routine starts.
 pub unsafe trait Kernel: Send + Sync + 'static {
     /// Storage of one spin lock (`KSPIN_LOCK` in the kernel).
     type RawSpinLock: Send + Sync;
@@ -124,6 +132,50 @@ pub unsafe trait Kernel: Send + Sync + 'static {
     /// Called when an entry point runs above the IRQL it documents, before the error is
     /// returned. The kernel backend makes it a debug assertion; the mock can record it.
     fn irql_violation(operation: &'static str, current: Irql, required: IrqlBound);
+
+    /// `IoSizeofWorkItem()`: the bytes of storage one `IO_WORKITEM` needs (the library
+    /// allocates it 16-byte aligned, in non-paged memory). Any IRQL.
+    fn work_item_size() -> usize;
+
+    /// `IoInitializeWorkItem(io_object, item)`: makes the storage at `item` a work item of
+    /// `io_object`. IRQL `<= DISPATCH_LEVEL`.
+    ///
+    /// # Safety
+    ///
+    /// `io_object` is a `DRIVER_OBJECT` or `DEVICE_OBJECT` that outlives the work item;
+    /// `item` points to at least [`work_item_size`](Kernel::work_item_size) bytes, 16-byte
+    /// aligned, non-paged, that stay at that address and are not used otherwise until
+    /// [`work_item_uninit`](Kernel::work_item_uninit) returns; the item is not initialized
+    /// already.
+    unsafe fn work_item_init(io_object: *mut c_void, item: NonNull<u8>);
+
+    /// `IoQueueWorkItemEx(item, routine, DelayedWorkQueue, context)`: queues the item; a
+    /// system worker thread calls `routine(io_object, context, item)` at `PASSIVE_LEVEL`.
+    /// The I/O manager keeps `io_object` (and so the driver image) referenced until the
+    /// routine has returned, and dequeues the item before it calls the routine, so the
+    /// routine may queue it again or uninitialize it. IRQL `<= DISPATCH_LEVEL`.
+    ///
+    /// # Safety
+    ///
+    /// `item` was initialized with [`work_item_init`](Kernel::work_item_init) and is not
+    /// queued (it has never been queued, or the routine of its last queueing has started);
+    /// `routine(io_object, context, item)` is sound to call once on any system thread, and
+    /// the storage stays valid until that call has started.
+    unsafe fn work_item_queue(
+        item: NonNull<u8>,
+        routine: sys::IoWorkItemRoutineEx,
+        context: *mut c_void,
+    );
+
+    /// `IoUninitializeWorkItem(item)`: undoes [`work_item_init`](Kernel::work_item_init);
+    /// the storage may then be freed. IRQL `<= DISPATCH_LEVEL`; allowed inside the item's own
+    /// routine (the item is dequeued before its routine runs).
+    ///
+    /// # Safety
+    ///
+    /// `item` was initialized with [`work_item_init`](Kernel::work_item_init), is not
+    /// queued, and is not used again until it is initialized again.
+    unsafe fn work_item_uninit(item: NonNull<u8>);
 }
 
 /// A spin lock protecting a `T`, on the kernel backend `K`.

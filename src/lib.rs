@@ -5,7 +5,10 @@
 //! for kernel-mode drivers, firewall drivers first.
 //!
 //! - [`TeredoPortWatcher`]: one OS registration, RAII, many subscribers, a lock-free
-//!   [`current_port`](TeredoPortWatcher::current_port) for classify functions.
+//!   [`current_port`](TeredoPortWatcher::current_port) for classify functions, and
+//!   `PASSIVE_LEVEL` subscribers on I/O work items
+//!   ([`subscribe_passive`](TeredoPortWatcher::subscribe_passive), [`IoObject`]) for
+//!   filter-engine calls.
 //! - [`HandleTable`]: every live notification handle; its teardown cancels what is left at
 //!   driver unload.
 //! - [`PortSource`]: the netio calls behind a trait, implemented by the real netio layer
@@ -47,6 +50,7 @@ mod event;
 mod handle_table;
 mod irql;
 mod kernel;
+mod passive;
 mod registry;
 mod source;
 mod sync;
@@ -65,6 +69,7 @@ pub use event::{MibNotificationType, TeredoEvent, TeredoPort};
 pub use handle_table::{HandleTable, MAX_REGISTRATIONS, TeardownReport};
 pub use irql::{Irql, IrqlBound};
 pub use kernel::{Kernel, ThreadToken};
+pub use passive::IoObject;
 pub use registry::{RegistryStats, SubscriberId};
 pub use source::{PortSource, RawHandle};
 pub use teredo::{TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT, TeredoExceptions};

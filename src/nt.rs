@@ -6,6 +6,7 @@
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::mem::MaybeUninit;
+use core::ptr::NonNull;
 
 use crate::error::{Error, NetioCall};
 use crate::irql::{Irql, IrqlBound};
@@ -24,6 +25,9 @@ pub struct NtKernel;
 // keeps while at DISPATCH_LEVEL. `PsGetCurrentThreadId` is unique among live threads and
 // never zero (thread ids are non-zero multiples of 4). The event routines are the kernel's
 // notification events (`KeInitializeEvent(NotificationEvent)`), which synchronize internally.
+// The work item routines are the I/O manager's (`IoInitializeWorkItem`, `IoQueueWorkItemEx`
+// on the `DelayedWorkQueue`, `IoUninitializeWorkItem`): the routine runs once per queueing at
+// PASSIVE_LEVEL on a system worker thread, after the queueing call.
 unsafe impl Kernel for NtKernel {
     // `KSPIN_LOCK` is a `ULONG_PTR` that `KeInitializeSpinLock` sets to zero; an atomic of the
     // same size and alignment lets the kernel modify it through a shared reference.
@@ -112,6 +116,44 @@ unsafe impl Kernel for NtKernel {
             false,
             "teredo-watcher: {operation} called at {current}, requires {required}"
         );
+    }
+
+    #[inline]
+    fn work_item_size() -> usize {
+        // SAFETY: `IoSizeofWorkItem` has no preconditions.
+        let size = unsafe { sys::IoSizeofWorkItem() };
+        size as usize
+    }
+
+    unsafe fn work_item_init(io_object: *mut c_void, item: NonNull<u8>) {
+        // SAFETY: `io_object` is a driver or device object that outlives the item, and
+        // `item` is `IoSizeofWorkItem` bytes of non-paged, 16-aligned storage that does not
+        // move and is not initialized yet (this function's contract).
+        unsafe { sys::IoInitializeWorkItem(io_object, item.as_ptr().cast()) }
+    }
+
+    unsafe fn work_item_queue(
+        item: NonNull<u8>,
+        routine: sys::IoWorkItemRoutineEx,
+        context: *mut c_void,
+    ) {
+        // SAFETY: the item is initialized and not queued, and `routine(.., context, ..)` is
+        // sound on a system thread (this function's contract). `IoQueueWorkItemEx` is the
+        // form a work item made on a driver object requires; `DelayedWorkQueue` is the queue
+        // for work that may block.
+        unsafe {
+            sys::IoQueueWorkItemEx(
+                item.as_ptr().cast(),
+                routine,
+                sys::DELAYED_WORK_QUEUE,
+                context,
+            );
+        }
+    }
+
+    unsafe fn work_item_uninit(item: NonNull<u8>) {
+        // SAFETY: initialized and not queued (this function's contract).
+        unsafe { sys::IoUninitializeWorkItem(item.as_ptr().cast()) }
     }
 }
 

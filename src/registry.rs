@@ -76,6 +76,7 @@ use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
 use crate::irql::{self, IrqlBound};
 use crate::kernel::{Event, Kernel, SpinLock};
+use crate::passive::{CoreRef, IoObject};
 use crate::sync::UnsafeCell;
 use crate::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
@@ -260,10 +261,32 @@ impl Slot {
     }
 }
 
+/// Where a passive subscriber is in its life (see [`PassiveEntry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Membership {
+    /// `subscribe_passive` is installing its registry subscriber.
+    Subscribing,
+    /// Subscribed as this id.
+    Live(SubscriberId),
+    /// Unsubscribed by a thread that could not wait for it: closed, drained later.
+    Removed,
+}
+
+/// A passive subscriber's core, as the registry keeps it so that unsubscribe, the watcher's
+/// release and the table's teardown can all reach it (the list owns one reference).
+struct PassiveEntry<K: Kernel> {
+    membership: Membership,
+    core: CoreRef<K>,
+}
+
 /// Membership books, under the spin lock.
-struct Books {
+struct Books<K: Kernel> {
     free_head: u32,
     zombie_head: u32,
+    /// The passive subscribers, one entry per slot at most (allocated at creation).
+    passive: Vec<Option<PassiveEntry<K>>>,
+    /// Set by the teardown (and the registry's drop): no passive subscriber is added.
+    passive_closed: bool,
 }
 
 /// Counters a driver can log.
@@ -313,7 +336,7 @@ pub(crate) struct Registry<K: Kernel> {
     live: AtomicUsize,
     id: u64,
     slots: Box<[Slot]>,
-    books: SpinLock<K, Books>,
+    books: SpinLock<K, Books<K>>,
     round_ended: Box<Event<K>>,
 }
 
@@ -345,6 +368,13 @@ impl<K: Kernel> Registry<K> {
             slot.next.store(next, Ordering::Relaxed);
             slots.push(slot);
         }
+        let mut passive = Vec::new();
+        passive
+            .try_reserve_exact(capacity)
+            .map_err(|_| Error::AllocationFailed {
+                bytes: capacity.saturating_mul(core::mem::size_of::<Option<PassiveEntry<K>>>()),
+            })?;
+        passive.resize_with(capacity, || None);
         Ok(Registry {
             state: AtomicU64::new(0),
             deliverer: AtomicUsize::new(0),
@@ -360,14 +390,28 @@ impl<K: Kernel> Registry<K> {
             books: SpinLock::new(Books {
                 free_head: if capacity == 0 { NONE } else { 0 },
                 zombie_head: NONE,
+                passive,
+                passive_closed: false,
             }),
             round_ended: Event::new_boxed()?,
         })
     }
 
-    /// Stops calling subscribers, at once and at any IRQL: no call starts after this.
+    /// Stops calling subscribers, at once and at any IRQL: no call starts after this. Passive
+    /// subscribers are closed too (no call of theirs starts any more), except above
+    /// `DISPATCH_LEVEL`, where the books lock cannot be taken: there they are closed by the
+    /// teardown or the registry's drop.
     pub(crate) fn silence(&self) {
         self.silenced.store(true, Ordering::SeqCst);
+        // Checked first: above DISPATCH_LEVEL the lock would report an IRQL violation.
+        if K::current_irql() > crate::Irql::DISPATCH_LEVEL {
+            return;
+        }
+        if let Ok(books) = self.books.lock("TeredoPortWatcher::unregister") {
+            for entry in books.passive.iter().flatten() {
+                entry.core.close();
+            }
+        }
     }
 
     /// Marks the registry as given up by its watcher (see the `orphaned` field). The caller
@@ -701,6 +745,12 @@ impl<K: Kernel> Registry<K> {
             IrqlBound::BelowDispatch
         };
         irql::check::<K>("TeredoPortWatcher::unsubscribe", bound)?;
+        self.unsubscribe_slot(id, inside)?;
+        // The registry subscriber is gone; a passive subscriber's work item is stopped next.
+        self.detach_passive(id, inside)
+    }
+
+    fn unsubscribe_slot(&self, id: SubscriberId, inside: bool) -> Result<(), Error> {
         if id.registry != self.id {
             return Err(Error::UnknownSubscriber);
         }
@@ -785,6 +835,186 @@ impl<K: Kernel> Registry<K> {
             self.reclaim(index)?;
         }
         Ok(())
+    }
+}
+
+impl<K: Kernel> Registry<K> {
+    /// Adds a `PASSIVE_LEVEL` subscriber (see `crate::passive`): a core, listed in the books,
+    /// and a registry subscriber (with a snapshot, so the first call has the port at
+    /// subscription) whose dispatch side hands each port to the core.
+    ///
+    /// IRQL: `< DISPATCH_LEVEL` (checked by the caller).
+    pub(crate) fn subscribe_passive<F>(
+        &self,
+        io_object: IoObject,
+        f: F,
+    ) -> Result<SubscriberId, Error>
+    where
+        F: FnMut(Option<TeredoPort>) + Send + 'static,
+    {
+        const OP: &str = "TeredoPortWatcher::subscribe_passive";
+        self.reap_passive(OP)?;
+        let core = CoreRef::<K>::new(io_object, f)?;
+        let listed = core.clone_ref();
+        let dispatch = core.clone_ref();
+        let position = {
+            let mut books = self.books.lock(OP)?;
+            if books.passive_closed {
+                Err(Error::HandleTableClosed)
+            } else if let Some(i) = books.passive.iter().position(Option::is_none) {
+                books.passive[i] = Some(PassiveEntry {
+                    membership: Membership::Subscribing,
+                    core: listed,
+                });
+                Ok(i)
+            } else {
+                Err(Error::SubscriberTableFull {
+                    capacity: self.slots.len(),
+                })
+            }
+        };
+        // On error `listed` (not moved into the books) is dropped on return, after the lock.
+        let position = position?;
+        match self.subscribe(
+            move |event: TeredoEvent| dispatch.notify(event.port()),
+            true,
+        ) {
+            Ok(id) => {
+                let mut books = self.books.lock(OP)?;
+                if let Some(entry) = books.passive[position].as_mut() {
+                    entry.membership = Membership::Live(id);
+                }
+                Ok(id)
+            }
+            Err(e) => {
+                // Never called (every error of `subscribe` comes before the first call), so
+                // nothing is queued: closing and dropping the references frees the core.
+                core.close();
+                let entry = self.books.lock(OP)?.passive[position].take();
+                drop(entry);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the passive subscriber of `id`, if it is one: closes it, then, if this thread
+    /// may wait (below `DISPATCH_LEVEL`, not inside a notification callback of this registry
+    /// nor inside the subscriber's own call), waits for its queued or running item and drops
+    /// it; otherwise leaves it `Removed`, drained later.
+    fn detach_passive(&self, id: SubscriberId, inside: bool) -> Result<(), Error> {
+        const OP: &str = "TeredoPortWatcher::unsubscribe";
+        // Read before the lock, which raises to DISPATCH_LEVEL.
+        let may_wait = !inside && K::current_irql() < crate::Irql::DISPATCH_LEVEL;
+        let waiter = {
+            let mut books = self.books.lock(OP)?;
+            let Some(entry) = books
+                .passive
+                .iter_mut()
+                .flatten()
+                .find(|e| e.membership == Membership::Live(id))
+            else {
+                return Ok(());
+            };
+            entry.core.close();
+            entry.membership = Membership::Removed;
+            if !may_wait || entry.core.runs_on_current_thread() {
+                return Ok(());
+            }
+            entry.core.clone_ref()
+        };
+        waiter.wait_idle(OP)?;
+        waiter.drop_callback_if_idle();
+        let entry = {
+            let mut books = self.books.lock(OP)?;
+            books
+                .passive
+                .iter_mut()
+                .find(|e| e.as_ref().is_some_and(|e| e.core.same(&waiter)))
+                .and_then(Option::take)
+        };
+        // References are dropped outside the lock: the last one frees the core.
+        drop(entry);
+        drop(waiter);
+        Ok(())
+    }
+
+    /// Frees the `Removed` passive subscribers that are idle now, without waiting.
+    fn reap_passive(&self, operation: &'static str) -> Result<(), Error> {
+        loop {
+            let entry = {
+                let mut books = self.books.lock(operation)?;
+                books
+                    .passive
+                    .iter_mut()
+                    .find(|e| {
+                        e.as_ref().is_some_and(|e| {
+                            e.membership == Membership::Removed && !e.core.is_busy()
+                        })
+                    })
+                    .and_then(Option::take)
+            };
+            let Some(entry) = entry else {
+                return Ok(());
+            };
+            entry.core.drop_callback_if_idle();
+            drop(entry);
+        }
+    }
+
+    /// For the teardown, once this registry's registration is cancelled: closes every
+    /// passive subscriber and refuses new ones; returns one still to drain (queued, running
+    /// or with its closure not yet dropped), skipping one whose call runs on this thread.
+    /// The caller waits for it ([`CoreRef::wait_idle`]), drops its closure, and asks again
+    /// until this returns `None`: closed cores never become busy again, so that ends.
+    pub(crate) fn close_passive(
+        &self,
+        operation: &'static str,
+    ) -> Result<Option<CoreRef<K>>, Error> {
+        let mut books = self.books.lock(operation)?;
+        books.passive_closed = true;
+        let mut found = None;
+        for entry in books.passive.iter().flatten() {
+            entry.core.close();
+            if found.is_none() && entry.core.needs_drain() && !entry.core.runs_on_current_thread() {
+                found = Some(entry.core.clone_ref());
+            }
+        }
+        Ok(found)
+    }
+}
+
+impl<K: Kernel> Drop for Registry<K> {
+    /// Closes every passive subscriber and waits for its item (a call in flight finishes, a
+    /// queued one runs as a no-op), unless this thread is inside that subscriber's call.
+    /// Every caller drops a registry below `DISPATCH_LEVEL` (the watcher's release, a failed
+    /// creation, the teardown's free of an orphan); the registry subscribers, which hold
+    /// references to the cores, are dropped after this with the slots.
+    fn drop(&mut self) {
+        const OP: &str = "TeredoPortWatcher::drop";
+        if K::current_irql() > crate::Irql::DISPATCH_LEVEL {
+            // Not reached (see above); the cores' references are dropped with the fields.
+            return;
+        }
+        loop {
+            let entry = match self.books.lock(OP) {
+                Ok(mut books) => {
+                    books.passive_closed = true;
+                    books.passive.iter_mut().find_map(Option::take)
+                }
+                Err(_) => None,
+            };
+            let Some(entry) = entry else {
+                return;
+            };
+            entry.core.close();
+            if K::current_irql() < crate::Irql::DISPATCH_LEVEL
+                && !entry.core.runs_on_current_thread()
+                && entry.core.wait_idle(OP).is_ok()
+            {
+                entry.core.drop_callback_if_idle();
+            }
+            drop(entry);
+        }
     }
 }
 

@@ -45,6 +45,17 @@ pub const KERNEL_MODE: i8 = 0;
 pub type TeredoPortChangeCallback =
     unsafe extern "system" fn(caller_context: *mut c_void, port: u16, notification_type: i32);
 
+/// `PIO_WORKITEM_ROUTINE_EX`: `VOID (*)(PVOID IoObject, PVOID Context, PIO_WORKITEM
+/// IoWorkItem)`, called at `PASSIVE_LEVEL` on a system worker thread.
+pub type IoWorkItemRoutineEx = unsafe extern "system" fn(
+    io_object: *mut c_void,
+    context: *mut c_void,
+    io_work_item: *mut c_void,
+);
+
+/// `WORK_QUEUE_TYPE::DelayedWorkQueue`.
+pub const DELAYED_WORK_QUEUE: i32 = 1;
+
 /// `MibParameterNotification`.
 pub const MIB_PARAMETER_NOTIFICATION: i32 = 0;
 /// `MibAddInstance`.
@@ -138,6 +149,19 @@ unsafe extern "system" {
     pub fn KeSetEvent(event: *mut KEVENT, increment: i32, wait: BOOLEAN) -> i32;
     /// `KeClearEvent` (`<= DISPATCH_LEVEL`).
     pub fn KeClearEvent(event: *mut KEVENT);
+    /// `IoSizeofWorkItem` (any IRQL): the size of an `IO_WORKITEM`.
+    pub fn IoSizeofWorkItem() -> u32;
+    /// `IoInitializeWorkItem` (`<= DISPATCH_LEVEL`): `io_object` is a driver or device object.
+    pub fn IoInitializeWorkItem(io_object: *mut c_void, io_work_item: *mut c_void);
+    /// `IoUninitializeWorkItem` (`<= DISPATCH_LEVEL`).
+    pub fn IoUninitializeWorkItem(io_work_item: *mut c_void);
+    /// `IoQueueWorkItemEx` (`<= DISPATCH_LEVEL`): the form a driver-object work item needs.
+    pub fn IoQueueWorkItemEx(
+        io_work_item: *mut c_void,
+        worker_routine: IoWorkItemRoutineEx,
+        queue_type: i32,
+        context: *mut c_void,
+    );
     /// `KeWaitForSingleObject` (`<= APC_LEVEL` for a non-zero timeout).
     pub fn KeWaitForSingleObject(
         object: *mut c_void,

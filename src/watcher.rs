@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::event::{TeredoEvent, TeredoPort};
 use crate::handle_table::{EntryId, GiveUp, HandleTable};
 use crate::irql::{self, IrqlBound};
+use crate::passive::IoObject;
 use crate::registry::{Registry, RegistryStats, SubscriberId};
 use crate::source::PortSource;
 use crate::teredo::TeredoExceptions;
@@ -68,12 +69,19 @@ impl Default for WatcherOptions {
 /// |---|---|
 /// | [`new`](Self::new), [`with_subscriber`](Self::with_subscriber) | `PASSIVE_LEVEL` (stricter than netio's `< DISPATCH_LEVEL`: see [`new`](Self::new)) |
 /// | [`current_port`](Self::current_port), [`exceptions`](Self::exceptions), [`stats`](Self::stats) | `<= DISPATCH_LEVEL` |
-/// | [`query_port`](Self::query_port), [`subscribe`](Self::subscribe), [`subscribe_with_snapshot`](Self::subscribe_with_snapshot) | `< DISPATCH_LEVEL` |
+/// | [`query_port`](Self::query_port), [`subscribe`](Self::subscribe), [`subscribe_with_snapshot`](Self::subscribe_with_snapshot), [`subscribe_passive`](Self::subscribe_passive) | `< DISPATCH_LEVEL` |
 /// | [`unsubscribe`](Self::unsubscribe) | `< DISPATCH_LEVEL`; `<= DISPATCH_LEVEL` inside a callback |
 /// | [`unregister`](Self::unregister), `Drop` | `PASSIVE_LEVEL` |
 ///
 /// Subscribers run at the IRQL of the OS callback (`<= DISPATCH_LEVEL`), or for a
-/// snapshot at the subscribing thread's. Write them for `DISPATCH_LEVEL`.
+/// snapshot at the subscribing thread's. Write them for `DISPATCH_LEVEL`. Passive
+/// subscribers run at `PASSIVE_LEVEL` on a system worker thread.
+///
+/// Dropping the watcher or [`unregister`](Self::unregister) waits, after the cancel, for the
+/// passive subscribers' work items (a call in flight finishes, a queued one runs as a
+/// no-op), except for one whose call runs the drop itself. On an error the passive
+/// subscribers are closed (no call of theirs starts after it returns; one already running
+/// on a worker thread finishes).
 ///
 /// # Invariants
 ///
@@ -303,8 +311,70 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         self.registry().subscribe(subscriber, true)
     }
 
+    /// Adds a subscriber that is called at `PASSIVE_LEVEL`, on a system worker thread, with
+    /// the newest port: first the port at subscription, then after each notification the
+    /// port after it ([`event.port()`](TeredoEvent::port)). It may call anything that needs
+    /// `PASSIVE_LEVEL`, such as the filter engine's management functions.
+    ///
+    /// - Bursts coalesce: at most one work item per subscriber is queued at a time; a burst
+    ///   of changes yields calls whose ports are in notification order, ending on the newest,
+    ///   never an older port after a newer one; a call with the same port as the previous
+    ///   call is skipped (the subscriber sees the state, not every event).
+    /// - Calls are serialized, never two at once.
+    /// - None starts after [`unsubscribe`](Self::unsubscribe) of it, the watcher's drop or
+    ///   [`unregister`](Self::unregister), or [`HandleTable::teardown`] returned: they wait
+    ///   for a call in flight, and a queued work item (which cannot be dequeued) runs to
+    ///   completion as a no-op before they return. Where they cannot wait (at
+    ///   `DISPATCH_LEVEL`, inside a notification callback of this watcher, or inside this
+    ///   subscriber's own call), only new calls are stopped; see
+    ///   [`unsubscribe`](Self::unsubscribe).
+    /// - The notification path only stores the port and queues the work item (or marks it
+    ///   dirty): no allocation, wait or panic there. Everything is allocated here.
+    ///
+    /// The work item is made on `io_object` with `IoInitializeWorkItem` and queued with
+    /// `IoQueueWorkItemEx`: while it is queued or running, the I/O manager keeps the driver
+    /// object referenced, so the image stays loaded under a routine still returning. Design
+    /// and proof: the `passive` module's documentation in the source.
+    ///
+    /// Do not wait, inside one passive subscriber's call, for another passive subscriber
+    /// that waits for it (unsubscribing each other from each other's calls deadlocks, as
+    /// two locks taken in opposite orders would).
+    ///
+    /// # IRQL
+    ///
+    /// `< DISPATCH_LEVEL`. The subscriber runs at `PASSIVE_LEVEL`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SubscriberTableFull`], [`Error::AllocationFailed`], [`Error::IrqlTooHigh`],
+    /// [`Error::HandleTableClosed`] once the teardown has cancelled this watcher's
+    /// registration. Nothing is left allocated or queued on error.
+    pub fn subscribe_passive<F>(
+        &self,
+        io_object: IoObject,
+        subscriber: F,
+    ) -> Result<SubscriberId, Error>
+    where
+        F: FnMut(Option<TeredoPort>) + Send + 'static,
+    {
+        irql::check::<S::Kernel>(
+            "TeredoPortWatcher::subscribe_passive",
+            IrqlBound::BelowDispatch,
+        )?;
+        self.registry().subscribe_passive(io_object, subscriber)
+    }
+
     /// Removes a subscriber. Once this returns `Ok`, it is not running and is never called
     /// again; it is dropped here (or, when called from inside a callback, by a later call).
+    ///
+    /// For a passive subscriber ([`subscribe_passive`](Self::subscribe_passive)) this also
+    /// waits for its work item: a call in flight finishes and a queued one runs as a no-op
+    /// before this returns. Where that wait is impossible (at `DISPATCH_LEVEL`, inside a
+    /// notification callback of this watcher, or inside the subscriber's own call), this
+    /// only stops new calls: a call in flight on the worker thread may still be running when
+    /// it returns, a queued item runs later as a no-op, and the closure is dropped by the
+    /// next [`subscribe_passive`](Self::subscribe_passive) once idle, the watcher's drop or
+    /// the teardown (which wait for it).
     ///
     /// # IRQL
     ///

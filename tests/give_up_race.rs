@@ -104,7 +104,8 @@ struct TestKernel;
 /// dropping thread going on.
 // SAFETY: a test-and-set lock with acquire/release ordering that raises the per-thread IRQL
 // to DISPATCH_LEVEL and restores it; unique non-zero tokens; a notification event on a mutex
-// and condvar (a set happens-before the wait it releases returns).
+// and condvar (a set happens-before the wait it releases returns); no work items (size 0, so
+// the library never initializes or queues one).
 unsafe impl Kernel for TestKernel {
     type RawSpinLock = AtomicBool;
     const UNLOCKED: AtomicBool = AtomicBool::new(false);
@@ -157,6 +158,24 @@ unsafe impl Kernel for TestKernel {
         }
     }
     fn irql_violation(_: &'static str, _: Irql, _: IrqlBound) {}
+    // No work items: this test never subscribes passively, so these are never called (they
+    // panic if they were, which the test would report).
+    fn work_item_size() -> usize {
+        0
+    }
+    unsafe fn work_item_init(_: *mut c_void, _: std::ptr::NonNull<u8>) {
+        unreachable!("no passive subscriber in this test");
+    }
+    unsafe fn work_item_queue(
+        _: std::ptr::NonNull<u8>,
+        _: teredo_watcher::sys::IoWorkItemRoutineEx,
+        _: *mut c_void,
+    ) {
+        unreachable!("no passive subscriber in this test");
+    }
+    unsafe fn work_item_uninit(_: std::ptr::NonNull<u8>) {
+        unreachable!("no passive subscriber in this test");
+    }
 }
 
 /// A source whose registrations never call back and whose cancels always succeed.

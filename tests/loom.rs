@@ -934,6 +934,95 @@ fn overlapping_invocations_coalesce_to_the_newest_port() {
     );
 }
 
+/// What a passive subscriber received, in a loom cell: two calls at once, or a call not
+/// ordered before the teardown's return, is a data race loom reports.
+struct PortLog(UnsafeCell<Vec<Option<u16>>>);
+
+// SAFETY: as for `Log`: the library serializes the calls of one passive subscriber and
+// orders them before the waits that end; loom checks every access.
+unsafe impl Sync for PortLog {}
+
+/// A notification hands the newest port to a `PASSIVE_LEVEL` subscriber (its work item runs
+/// on a loom thread of its own) while the table's teardown runs on another thread, racing
+/// the work items of the subscription's first call and of the notification: the ports
+/// arrive in notification order, no call runs after the teardown returned, the closure is
+/// dropped by then, a queued item runs as a no-op, and the core is freed once (the mock
+/// panics on a second `IoUninitializeWorkItem`, and none is left initialized).
+#[test]
+fn passive_coalescing_races_teardown() {
+    model("passive_coalescing_races_teardown", || {
+        let netio = LoomNetio::new();
+        let table = leak(HandleTable::new(netio.clone()));
+        let watcher = TeredoPortWatcher::new(table, OPTIONS).unwrap();
+        let driver = Box::new(0u64);
+        let raw = std::ptr::from_ref::<u64>(&driver)
+            .cast_mut()
+            .cast::<c_void>();
+        // SAFETY: on the mock any non-null address works; `driver` outlives the watcher.
+        let io = unsafe { teredo_watcher::IoObject::from_raw(raw) }.unwrap();
+        let log = Arc::new(PortLog(UnsafeCell::new(Vec::new())));
+        let (stop, freed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let subscriber = {
+            let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+            let flag = DropFlag(Arc::clone(&freed));
+            move |port: Option<TeredoPort>| {
+                assert!(!flag.0.load(Ordering::SeqCst), "called after it was freed");
+                assert!(
+                    !stop.load(Ordering::SeqCst),
+                    "called after the teardown returned"
+                );
+                // SAFETY: see `impl Sync for PortLog`; loom tracks the access.
+                log.0
+                    .with_mut(|v| unsafe { (*v).push(port.map(TeredoPort::get)) });
+            }
+        };
+        watcher.subscribe_passive(io, subscriber).unwrap();
+        let os = {
+            let netio = netio.clone();
+            thread::spawn(move || {
+                netio.deliver(LoomNetio::handle(0), PORT, sys::MIB_PARAMETER_NOTIFICATION)
+            })
+        };
+        let report = table.teardown().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.cancelled, 1);
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "the teardown dropped the closure"
+        );
+        // SAFETY: every call was ordered before the teardown's return (its wait), and none
+        // runs after it; loom tracks the access.
+        let calls = log.0.with(|v| unsafe { (*v).clone() });
+        let delivered = os.join().unwrap();
+        // The port at subscription (none), then the notification's, each at most once, in
+        // that order; the first call may already read the newer one.
+        assert!(
+            matches!(
+                calls.as_slice(),
+                [] | [None | Some(PORT)] | [None, Some(PORT)]
+            ),
+            "{calls:?}"
+        );
+        if !delivered {
+            assert!(matches!(calls.as_slice(), [] | [None]), "{calls:?}");
+        }
+        drop(watcher);
+        teredo_watcher::mock::join_work_items();
+        assert_eq!(
+            teredo_watcher::mock::work_items_initialized_on(raw),
+            0,
+            "the core is freed once the last item returned"
+        );
+        // SAFETY: the watcher is dropped: nothing borrows the table.
+        unsafe { unleak(table) };
+        drop(driver);
+    });
+}
+
 /// The netio contract suite on the loom source, each check in a loom model of its own.
 #[path = "netio_contract/mod.rs"]
 mod netio_contract;
