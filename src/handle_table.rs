@@ -271,6 +271,26 @@ impl<S: PortSource> HandleTable<S> {
     /// # Errors
     ///
     /// [`Error::IrqlTooHigh`] (nothing done). Cancel failures are in the report.
+    ///
+    /// # Examples
+    ///
+    /// A watcher leaked with `mem::forget` (its context leaks), still cancelled at unload:
+    ///
+    /// ```
+    /// # #[cfg(feature = "mock")] {
+    /// use teredo_watcher::mock::MockNetio;
+    /// use teredo_watcher::{HandleTable, TeredoPortWatcher, WatcherOptions};
+    ///
+    /// let netio = MockNetio::new();
+    /// let table = HandleTable::new(netio.clone());
+    /// core::mem::forget(TeredoPortWatcher::new(&table, WatcherOptions::default())?);
+    /// let report = table.teardown()?;
+    /// assert!(report.is_clean() && report.cancelled == 1);
+    /// assert_eq!(netio.live_registrations(), 0);
+    /// assert!(table.is_closed());
+    /// # }
+    /// # Ok::<(), teredo_watcher::Error>(())
+    /// ```
     pub fn teardown(&self) -> Result<TeardownReport, Error> {
         const OP: &str = "HandleTable::teardown";
         irql::check::<S::Kernel>(OP, IrqlBound::Passive)?;
@@ -779,7 +799,7 @@ mod tests {
     }
 
     // A `static` table is never dropped: its buffer must go back to the pool when the last
-    // registration goes, or every load of a driver leaks it (found by the loader harness).
+    // registration goes, or every load of a driver leaks it.
     #[test]
     fn the_buffer_is_freed_when_the_last_registration_goes() {
         let table = HandleTable::new(MockNetio::new());

@@ -117,6 +117,25 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// The status of `NotifyTeredoPortChange`, [`Error::IrqlTooHigh`],
     /// [`Error::AllocationFailed`], [`Error::HandleTableFull`] or
     /// [`Error::HandleTableClosed`]. Nothing is left registered or allocated.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[cfg(feature = "mock")] {
+    /// use teredo_watcher::mock::MockNetio;
+    /// use teredo_watcher::{HandleTable, TeredoPortWatcher, WatcherOptions};
+    ///
+    /// let netio = MockNetio::new();
+    /// let running = netio.client().start();
+    /// let table = HandleTable::new(netio.clone());
+    /// let watcher = TeredoPortWatcher::new(&table, WatcherOptions::default())?;
+    /// // Seeded with GetTeredoPort: known before the first change.
+    /// assert_eq!(watcher.current_port().map(|p| p.get()), Some(running));
+    /// assert_eq!(watcher.seed_error(), None);
+    /// watcher.unregister()?;
+    /// # }
+    /// # Ok::<(), teredo_watcher::Error>(())
+    /// ```
     pub fn new(table: &'t HandleTable<S>, options: WatcherOptions) -> Result<Self, Error> {
         Self::create(table, options, None::<fn(TeredoEvent)>).map(|(w, _)| w)
     }
@@ -280,6 +299,32 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// # Errors
     ///
     /// [`Error::SubscriberTableFull`], [`Error::AllocationFailed`], [`Error::IrqlTooHigh`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[cfg(feature = "mock")] {
+    /// use std::sync::{Arc, Mutex};
+    /// use teredo_watcher::mock::MockNetio;
+    /// use teredo_watcher::{HandleTable, TeredoEvent, TeredoPortWatcher, WatcherOptions};
+    ///
+    /// let netio = MockNetio::new();
+    /// let table = HandleTable::new(netio.clone());
+    /// let watcher = TeredoPortWatcher::new(&table, WatcherOptions::default())?;
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = Arc::clone(&seen);
+    /// let id = watcher.subscribe(move |e: TeredoEvent| log.lock().unwrap().push(e.port()))?;
+    /// let port = netio.client().start();
+    /// netio.wait_idle();
+    /// // Unsubscribed: never called again once this returns.
+    /// watcher.unsubscribe(id)?;
+    /// netio.client().restart();
+    /// netio.wait_idle();
+    /// assert_eq!(seen.lock().unwrap().iter().map(|p| p.map(|p| p.get())).collect::<Vec<_>>(),
+    ///            [Some(port)]);
+    /// # }
+    /// # Ok::<(), teredo_watcher::Error>(())
+    /// ```
     pub fn subscribe<F>(&self, subscriber: F) -> Result<SubscriberId, Error>
     where
         F: FnMut(TeredoEvent) + Send + 'static,
@@ -349,6 +394,42 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
     /// [`Error::SubscriberTableFull`], [`Error::AllocationFailed`], [`Error::IrqlTooHigh`],
     /// [`Error::HandleTableClosed`] once the teardown has cancelled this watcher's
     /// registration. Nothing is left allocated or queued on error.
+    ///
+    /// # Examples
+    ///
+    /// On the host mock any non-null address stands for the driver object; a driver passes
+    /// its `DRIVER_OBJECT`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "mock")] {
+    /// use std::sync::{Arc, Mutex};
+    /// use teredo_watcher::mock::MockNetio;
+    /// use teredo_watcher::{HandleTable, IoObject, TeredoPortWatcher, WatcherOptions};
+    ///
+    /// static DRIVER_OBJECT: u8 = 0;
+    /// // SAFETY: on the mock the object is never dereferenced, and a static outlives
+    /// // every watcher.
+    /// let driver = unsafe { IoObject::from_raw((&raw const DRIVER_OBJECT).cast_mut().cast()) }
+    ///     .expect("non-null");
+    /// let netio = MockNetio::new();
+    /// let table = HandleTable::new(netio.clone());
+    /// let watcher = TeredoPortWatcher::new(&table, WatcherOptions::default())?;
+    /// let filter = Arc::new(Mutex::new(None));
+    /// let f = Arc::clone(&filter);
+    /// // At PASSIVE_LEVEL, on a worker thread: where WFP filters may be changed.
+    /// watcher.subscribe_passive(driver, move |port| *f.lock().unwrap() = port)?;
+    /// let port = netio.client().start();
+    /// // The call comes soon after, on the worker thread.
+    /// let start = std::time::Instant::now();
+    /// while filter.lock().unwrap().is_none() && start.elapsed().as_secs() < 20 {
+    ///     std::thread::yield_now();
+    /// }
+    /// assert_eq!(filter.lock().unwrap().map(|p| p.get()), Some(port));
+    /// // Waits for a call in flight; a queued one runs as a no-op; none starts afterwards.
+    /// drop(watcher);
+    /// # }
+    /// # Ok::<(), teredo_watcher::Error>(())
+    /// ```
     pub fn subscribe_passive<F>(
         &self,
         io_object: IoObject,

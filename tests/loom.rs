@@ -413,9 +413,8 @@ fn notification_races_subscribe_with_snapshot() {
     );
 }
 
-// regression: with three preemptions, a pass could mark the slot MISSED after the subscriber
-// had already been shown that pass's state; the retry showed the same `Snapshot` twice.
-// Fixed in `Registry::subscribe` (a retry does not show an already shown state again).
+// With three preemptions a pass can mark the slot MISSED after the subscriber was already
+// shown that pass's state: the retry must not show the same `Snapshot` again.
 #[test]
 fn regression_snapshot_not_repeated_for_one_state() {
     model_with(
