@@ -72,7 +72,11 @@ pub use kernel::{Kernel, ThreadToken};
 pub use passive::IoObject;
 pub use registry::{RegistryStats, SubscriberId};
 pub use source::{PortSource, RawHandle};
-pub use teredo::{TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT, TeredoExceptions};
+pub use teredo::{
+    Direction, ExceptionRule, IpVersion, MAX_EXCEPTION_RULES, PacketView, Protocol, RemoteScope,
+    Requirement, RuleDirection, RuleKind, Rules, TEREDO_ICMPV6_TYPES, TEREDO_MULTICAST_GROUP,
+    TEREDO_SERVER_NAME, TEREDO_STATIC_PORT, TeredoExceptions, Transport, UPNP_PORT,
+};
 pub use watcher::{TeredoPortWatcher, WatcherOptions};
 
 /// The README's code blocks, compiled and run as doctests (they use the host mock).

@@ -265,7 +265,9 @@ impl<'t, S: PortSource> TeredoPortWatcher<'t, S> {
         self.registry().current_port()
     }
 
-    /// The firewall exceptions for Teredo right now (see [`TeredoExceptions`]).
+    /// The firewall exceptions for Teredo right now (see [`TeredoExceptions`]): the rules a
+    /// filter set is built from ([`TeredoExceptions::rules`]) and the per-packet check of a
+    /// classify function ([`TeredoExceptions::allows`]).
     ///
     /// # IRQL
     ///

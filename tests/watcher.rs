@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
@@ -9,8 +10,8 @@ use std::time::Duration;
 use common::{Recorder, ports};
 use teredo_watcher::mock::MockNetio;
 use teredo_watcher::{
-    Error, HandleTable, Irql, TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT, TeredoEvent, TeredoPort,
-    TeredoPortWatcher, WatcherOptions,
+    Direction, Error, HandleTable, Irql, PacketView, TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT,
+    TeredoEvent, TeredoPort, TeredoPortWatcher, WatcherOptions,
 };
 
 fn options(initial: bool) -> WatcherOptions {
@@ -195,13 +196,25 @@ fn exceptions_follow_the_current_port() {
     assert_eq!(before.dynamic_port, None);
     assert_eq!(before.static_port, TEREDO_STATIC_PORT);
     assert_eq!(before.multicast_group, TEREDO_MULTICAST_GROUP);
-    assert!(before.allows_udp_port(3544));
+    let host = Ipv4Addr::new(192, 168, 1, 20);
+    let inbound_to =
+        |local_port: u16| PacketView::udp4(Direction::Inbound, host, local_port, 61_000);
+    let discovery = PacketView::udp4(Direction::Inbound, TEREDO_MULTICAST_GROUP, 3544, 61_000);
+    // Before the client runs: discovery only, and no unicast to local 3544.
+    assert!(before.allows(&discovery));
+    assert!(!before.allows(&inbound_to(3544)));
     let port = netio.client().start();
     netio.wait_idle();
     let after = watcher.exceptions();
     assert_eq!(after.dynamic_port.map(TeredoPort::get), Some(port));
-    assert!(after.allows_udp_port(port));
-    assert!(!after.allows_udp_port(port.wrapping_add(1)));
+    assert!(after.allows(&inbound_to(port)));
+    assert!(!after.allows(&inbound_to(port.wrapping_add(1))));
+    assert!(after.allows(&discovery));
+    assert_eq!(
+        after.rules().len(),
+        before.rules().len() + 1,
+        "the dynamic-port rule"
+    );
 }
 
 #[test]

@@ -212,14 +212,16 @@ pub extern "system" fn classify_port() -> u32 {
     PUBLISHED.raw()
 }
 
-/// The per-packet exception check of a classify function: `1` when UDP traffic on
-/// `local_port` is Teredo traffic the published set allows (the static port, or the
-/// dynamic port when known), `0` otherwise and while no driver state is loaded. The C
-/// reference driver exports the same routine; the harness times the two side by side
-/// (`harness/benches/classify.rs`).
+/// The per-packet port match the C reference driver exports with the same signature, so the
+/// harness times the two side by side (`harness/benches/classify.rs`): `1` when
+/// `local_port` is a local port of the published Teredo client (the static port 3544, or
+/// the dynamic port when known), `0` otherwise and while no driver state is loaded
+/// ([`AppliedExceptions::is_teredo_local_port`]). Not a firewall verdict: a firewall's
+/// classify function calls [`AppliedExceptions::allows`] with the packet, which allows
+/// 3544 only for the multicast group 224.0.0.253.
 #[unsafe(export_name = "TeredoClassify")]
 pub extern "system" fn classify(local_port: u16) -> u8 {
-    u8::from(PUBLISHED.allows_udp_port(local_port))
+    u8::from(PUBLISHED.is_teredo_local_port(local_port))
 }
 
 /// `DriverUnload`: runs [`driver::driver_unload`]; when a registration could not be

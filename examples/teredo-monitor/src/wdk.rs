@@ -35,7 +35,7 @@ static TABLE: HandleTable<NetioPortSource> = HandleTable::new(NetioPortSource::n
 static DRIVER: DriverSlot<TeredoMonitor<'static, NetioPortSource>> = DriverSlot::new();
 
 /// The exception set the driver's tracker has applied: what a classify function reads, one
-/// load from this static and no `unsafe` (`AppliedExceptions::allows_udp_port`).
+/// load from this static and no `unsafe` (`AppliedExceptions::allows`).
 static PUBLISHED: AppliedExceptions = AppliedExceptions::new();
 
 /// `DriverEntry`: runs [`driver::driver_entry`] and sets `DriverUnload` when it succeeds

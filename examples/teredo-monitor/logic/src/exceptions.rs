@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use teredo_watcher::{TEREDO_STATIC_PORT, TeredoEvent, TeredoExceptions, TeredoPort};
+use teredo_watcher::{PacketView, TEREDO_STATIC_PORT, TeredoEvent, TeredoExceptions, TeredoPort};
 
 /// The Teredo exception set the firewall has applied, and how it got there.
 ///
@@ -154,18 +154,36 @@ impl AppliedExceptions {
         }
     }
 
-    /// The per-packet check of a classify function: whether UDP traffic on local port
-    /// `port` is Teredo traffic the published set allows; `false` while nothing is published.
+    /// The per-packet check of a classify function: whether `packet` is Teredo traffic the
+    /// published set allows ([`TeredoExceptions::allows`], exact for Microsoft's rules:
+    /// unicast to a local 3544 is not allowed, multicast to 224.0.0.253:3544 is); `false`
+    /// while nothing is published.
     ///
     /// # IRQL
     ///
     /// Any (one atomic load).
     #[must_use]
     #[inline]
-    pub fn allows_udp_port(&self, port: u16) -> bool {
-        // `TeredoExceptions::allows_udp_port` of `get()`, on the word itself (the tests
-        // compare the two for every port): `NOT_LOADED` is no `u16`, so it matches no port,
-        // and a word of 0 (no dynamic port) must not match port 0.
+    pub fn allows(&self, packet: &PacketView) -> bool {
+        self.get().is_some_and(|set| set.allows(packet))
+    }
+
+    /// Whether `port` is one of the local UDP ports of the published Teredo client: its
+    /// dynamic port, or the static port 3544; `false` while nothing is published. A port
+    /// match, not a firewall verdict: 3544 is Teredo's only for the multicast group
+    /// 224.0.0.253, which [`allows`](Self::allows) checks. The `TeredoClassify` export
+    /// answers this, the routine the C reference driver exports with the same signature,
+    /// so the harness can time the two side by side.
+    ///
+    /// # IRQL
+    ///
+    /// Any (one atomic load).
+    #[must_use]
+    #[inline]
+    pub fn is_teredo_local_port(&self, port: u16) -> bool {
+        // On the word itself (the tests compare it with `get()` for every port):
+        // `NOT_LOADED` is no `u16`, so it matches no port, and a word of 0 (no dynamic
+        // port) must not match port 0.
         let word = self.raw();
         (port == TEREDO_STATIC_PORT && word != Self::NOT_LOADED)
             || (port != 0 && u32::from(port) == word)
@@ -194,6 +212,20 @@ pub fn event_name(event: &TeredoEvent) -> &'static str {
 #[cfg(all(test, feature = "host-mock"))]
 mod tests {
     use super::*;
+    use core::net::Ipv4Addr;
+    use teredo_watcher::{Direction, TEREDO_MULTICAST_GROUP};
+
+    const HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 20);
+
+    /// Inbound unicast UDP to local `port` from an ephemeral remote port.
+    fn unicast_to(port: u16) -> PacketView {
+        PacketView::udp4(Direction::Inbound, HOST, port, 61_000)
+    }
+
+    /// Inbound multicast discovery: 224.0.0.253:3544.
+    fn discovery() -> PacketView {
+        PacketView::udp4(Direction::Inbound, TEREDO_MULTICAST_GROUP, 3544, 61_000)
+    }
 
     #[test]
     fn applied_exceptions_publish_and_clear() {
@@ -201,30 +233,35 @@ mod tests {
         assert_eq!(applied.get(), None);
         assert_eq!(applied.raw(), AppliedExceptions::NOT_LOADED);
         assert!(
-            !applied.allows_udp_port(3544),
+            !applied.allows(&discovery()) && !applied.is_teredo_local_port(3544),
             "nothing is allowed before a publish"
         );
         applied.publish(TeredoExceptions::for_port(None));
         assert_eq!(applied.raw(), 0);
-        assert!(applied.allows_udp_port(3544));
-        assert!(!applied.allows_udp_port(0));
-        assert!(!applied.allows_udp_port(49_152));
+        assert!(applied.allows(&discovery()));
+        assert!(
+            !applied.allows(&unicast_to(3544)),
+            "3544 is for the group only"
+        );
+        assert!(applied.is_teredo_local_port(3544));
+        assert!(!applied.is_teredo_local_port(0) && !applied.allows(&unicast_to(0)));
+        assert!(!applied.allows(&unicast_to(49_152)));
         applied.publish(TeredoExceptions::for_port(port(49_152)));
         assert_eq!(applied.raw(), 49_152);
         assert_eq!(
             applied.get(),
             Some(TeredoExceptions::for_port(port(49_152)))
         );
-        assert!(applied.allows_udp_port(49_152));
-        assert!(applied.allows_udp_port(3544));
-        assert!(!applied.allows_udp_port(49_153));
+        assert!(applied.allows(&unicast_to(49_152)) && applied.is_teredo_local_port(49_152));
+        assert!(applied.allows(&discovery()));
+        assert!(!applied.allows(&unicast_to(49_153)));
         applied.clear();
         assert_eq!(applied.get(), None);
-        assert!(!applied.allows_udp_port(49_152));
+        assert!(!applied.allows(&unicast_to(49_152)) && !applied.is_teredo_local_port(49_152));
     }
 
     #[test]
-    fn applied_exceptions_check_is_the_library_check_for_every_port() {
+    fn applied_exceptions_checks_match_the_published_set_for_every_port() {
         let applied = AppliedExceptions::new();
         for published in [
             None,
@@ -238,16 +275,25 @@ mod tests {
                 Some(dynamic) => applied.publish(TeredoExceptions::for_port(dynamic)),
             }
             for p in 0..=u16::MAX {
-                let expected = applied.get().is_some_and(|e| e.allows_udp_port(p));
+                // The word check against the set it encodes: the dynamic port or 3544.
+                let local = applied.get().is_some_and(|e| {
+                    p == e.static_port || e.dynamic_port.is_some_and(|d| d.get() == p)
+                });
                 assert_eq!(
-                    applied.allows_udp_port(p),
-                    expected,
+                    applied.is_teredo_local_port(p),
+                    local,
+                    "{published:?} port {p}"
+                );
+                // The verdict: unicast to a local port is allowed for the dynamic port only.
+                let dynamic = published.flatten().is_some_and(|d| d.get() == p);
+                assert_eq!(
+                    applied.allows(&unicast_to(p)),
+                    dynamic,
                     "{published:?} port {p}"
                 );
             }
         }
     }
-    use teredo_watcher::{TEREDO_MULTICAST_GROUP, TEREDO_STATIC_PORT};
 
     fn port(p: u16) -> Option<TeredoPort> {
         TeredoPort::new(p)
@@ -259,8 +305,9 @@ mod tests {
         assert_eq!(t.applied().dynamic_port, None);
         assert_eq!(t.applied().static_port, TEREDO_STATIC_PORT);
         assert_eq!(t.applied().multicast_group, TEREDO_MULTICAST_GROUP);
-        assert!(t.applied().allows_udp_port(3544));
-        assert!(!t.applied().allows_udp_port(49_152));
+        assert!(t.applied().allows(&discovery()));
+        assert!(!t.applied().allows(&unicast_to(3544)));
+        assert!(!t.applied().allows(&unicast_to(49_152)));
     }
 
     #[test]
@@ -277,7 +324,7 @@ mod tests {
                 closed: None
             }
         );
-        assert!(t.applied().allows_udp_port(49_152));
+        assert!(t.applied().allows(&unicast_to(49_152)));
         assert_eq!(
             t.update(TeredoEvent::PortChanged { port: port(49_159) }),
             ExceptionChange::Updated {
@@ -285,7 +332,7 @@ mod tests {
                 closed: port(49_152)
             }
         );
-        assert!(!t.applied().allows_udp_port(49_152));
+        assert!(!t.applied().allows(&unicast_to(49_152)));
         assert_eq!(
             t.update(TeredoEvent::Deleted {
                 previous: port(49_159)
@@ -296,7 +343,8 @@ mod tests {
             }
         );
         assert_eq!(t.applied().dynamic_port, None);
-        assert!(t.applied().allows_udp_port(3544));
+        assert!(t.applied().allows(&discovery()));
+        assert!(!t.applied().allows(&unicast_to(49_159)));
         assert_eq!(t.changes(), 3);
     }
 

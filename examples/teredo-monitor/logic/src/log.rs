@@ -16,7 +16,7 @@
 //! `DISPATCH_LEVEL`. The driver logic never calls a platform printing function directly.
 
 use teredo_watcher::{
-    Error, Irql, IrqlBound, NetioCall, NetioStatus, TeredoExceptions, TeredoPort,
+    Error, Irql, IrqlBound, NetioCall, NetioStatus, TeredoExceptions, TeredoPort, UPNP_PORT,
 };
 
 /// Logs one line through the platform (see the module documentation): the arguments are
@@ -241,7 +241,8 @@ impl LogText for Port {
 }
 
 /// As `TeredoExceptions`'s `Display`:
-/// `dynamic udp/N, static udp/3544 (multicast 224.0.0.253)`.
+/// `dynamic udp/N, static udp/3544 (multicast 224.0.0.253)`, then
+/// `, upnp udp/1900 (local subnet)` when the optional UPnP rule is chosen.
 impl LogText for TeredoExceptions {
     fn write_to(&self, line: &mut Line) {
         line.push_str("dynamic ");
@@ -256,6 +257,11 @@ impl LogText for TeredoExceptions {
             line.push_decimal(u64::from(*octet));
         }
         line.push_str(")");
+        if self.upnp {
+            line.push_str(", upnp udp/")
+                .push_decimal(u64::from(UPNP_PORT))
+                .push_str(" (local subnet)");
+        }
     }
 }
 

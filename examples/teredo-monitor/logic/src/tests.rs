@@ -17,8 +17,9 @@ use crate::exceptions::AppliedExceptions;
 use crate::host;
 use crate::slot::DriverSlot;
 use crate::status::NtStatus;
+use core::net::Ipv4Addr;
 use teredo_watcher::mock::MockNetio;
-use teredo_watcher::{Error, HandleTable, Irql, NetioCall, sys};
+use teredo_watcher::{Direction, Error, HandleTable, Irql, NetioCall, PacketView, sys};
 
 type Slot<'t> = DriverSlot<TeredoMonitor<'t, MockNetio>>;
 
@@ -68,6 +69,16 @@ impl Drop for Fixture {
 }
 
 /// Runs `f` with the log captured; returns its value and the lines.
+/// Inbound unicast UDP to local `port` of a host address, from an ephemeral remote port.
+fn unicast_to(port: u16) -> PacketView {
+    PacketView::udp4(
+        Direction::Inbound,
+        Ipv4Addr::new(192, 168, 1, 20),
+        port,
+        61_000,
+    )
+}
+
 fn captured<R>(f: impl FnOnce() -> R) -> (R, Vec<String>) {
     host::capture();
     let value = f();
@@ -91,16 +102,20 @@ fn load_follow_the_client_and_unload_cleanly() {
         let status = f.entry(&slot, DriverConfig::default());
         f.netio.wait_idle();
         assert_eq!(f.published.raw(), 0, "loaded, no dynamic port");
-        assert!(f.published.allows_udp_port(3544));
+        assert!(f.published.is_teredo_local_port(3544));
         let first = f.netio.client().start();
         f.netio.wait_idle();
         assert_eq!(f.published.raw(), u32::from(first));
-        assert!(f.published.allows_udp_port(first));
+        assert!(f.published.allows(&unicast_to(first)));
         f.netio.set_callback_irql(Irql::DISPATCH_LEVEL);
         let second = f.netio.client().restart();
         f.netio.wait_idle();
         assert_ne!(first, second);
-        assert!(f.published.allows_udp_port(second) && !f.published.allows_udp_port(first));
+        assert!(f.published.allows(&unicast_to(second)) && !f.published.allows(&unicast_to(first)));
+        assert!(
+            !f.published.allows(&unicast_to(3544)),
+            "3544 is for the group only"
+        );
         f.netio.client().stop();
         f.netio.wait_idle();
         assert_eq!(f.published.raw(), 0, "the client stopped");
@@ -464,10 +479,10 @@ fn log_text_is_the_display_text() {
     for p in [1, 3544, 49_152, 65_535] {
         let port = TeredoPort::new(p).expect("non-zero");
         assert_eq!(text(&port), port.to_string());
-        assert_eq!(
-            text(&TeredoExceptions::for_port(Some(port))),
-            TeredoExceptions::for_port(Some(port)).to_string()
-        );
+        for upnp in [false, true] {
+            let set = TeredoExceptions::for_port(Some(port)).with_upnp(upnp);
+            assert_eq!(text(&set), set.to_string());
+        }
     }
     assert_eq!(text(&Port(None)), "none");
     assert_eq!(
