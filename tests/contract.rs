@@ -9,11 +9,11 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, LazyLock, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::Recorder;
+use common::{DropFlag, Gate, Recorder};
 use teredo_watcher::mock::{
     InitialDelivery, MockNetio, ViolationPolicy, event_waits, raise_irql, set_violation_policy,
     with_irql,
@@ -54,50 +54,6 @@ fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
             "{what}: not reached within 20 s"
         );
         thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// A gate a subscriber blocks on while it is closed; counts the callers that reached it.
-#[derive(Clone, Default)]
-struct Gate(Arc<(Mutex<(bool, usize)>, Condvar)>);
-
-impl Gate {
-    fn closed() -> Self {
-        Gate::default()
-    }
-    fn pass(&self) {
-        let (lock, cv) = &*self.0;
-        let mut s = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        s.1 += 1;
-        cv.notify_all();
-        while !s.0 {
-            s = cv.wait(s).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-    fn open(&self) {
-        let (lock, cv) = &*self.0;
-        lock.lock().unwrap_or_else(PoisonError::into_inner).0 = true;
-        cv.notify_all();
-    }
-    fn reached(&self) -> usize {
-        self.0.0.lock().unwrap_or_else(PoisonError::into_inner).1
-    }
-}
-
-/// Opens the gate when dropped, so a failing assertion does not leave a callback blocked
-/// (the unwinding drop of its watcher would then wait for it forever).
-struct OpenOnDrop(Gate);
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open();
-    }
-}
-
-/// Sets a flag when dropped: tells whether the library freed a subscriber.
-struct DropFlag(Arc<AtomicBool>);
-impl Drop for DropFlag {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -339,7 +295,7 @@ fn teardown_cancels_a_registration_whose_watcher_cancel_failed_meanwhile() {
     let netio = table_ref.source().clone();
     // Two watchers whose subscribers block in the first notification.
     let (gate0, gate1) = (Gate::closed(), Gate::closed());
-    let _open = (OpenOnDrop(gate0.clone()), OpenOnDrop(gate1.clone()));
+    let _open = (gate0.opener(), gate1.opener());
     let freed1 = Arc::new(AtomicBool::new(false));
     let (g0, g1) = (gate0.clone(), gate1.clone());
     let (w0, _) =
@@ -554,7 +510,7 @@ fn an_overlapping_invocation_publishes_and_delivers_the_newest_port() {
     let netio = MockNetio::new();
     let table = HandleTable::new(netio.clone());
     let gate = Gate::closed();
-    let _open = OpenOnDrop(gate.clone());
+    let _open = gate.opener();
     let inside = Arc::new(AtomicBool::new(false));
     let concurrent = Arc::new(AtomicBool::new(false));
     let recorder = Recorder::new();
@@ -609,7 +565,7 @@ fn unsubscribe_racing_a_callback_sleeps_on_an_event() {
     let netio = MockNetio::new();
     let table = HandleTable::new(netio.clone());
     let gate = Gate::closed();
-    let _open = OpenOnDrop(gate.clone());
+    let _open = gate.opener();
     let g = gate.clone();
     let watcher = TeredoPortWatcher::new(&table, quiet()).expect("register");
     let id = watcher.subscribe(move |_| g.pass()).expect("subscribe");
@@ -674,7 +630,7 @@ fn a_notification_during_the_seed_delivery_keeps_its_event_and_is_not_overlappin
     let netio = table.source().clone();
     let running = netio.client().start();
     let gate = Gate::closed();
-    let _open = OpenOnDrop(gate.clone());
+    let _open = gate.opener();
     let recorder = Recorder::new();
     let (g, mut record) = (gate.clone(), recorder.subscriber());
     let options = WatcherOptions {
@@ -729,7 +685,7 @@ static SKIP_ONCE: LazyLock<HandleTable<MockNetio>> =
 fn a_registration_skipped_by_teardown_is_counted_once() {
     let netio = SKIP_ONCE.source().clone();
     let gate1 = Gate::closed();
-    let _open = OpenOnDrop(gate1.clone());
+    let _open = gate1.opener();
     let report = Arc::new(Mutex::new(None));
     let first = Arc::new(AtomicBool::new(true));
     let (g1, r, f) = (gate1.clone(), Arc::clone(&report), Arc::clone(&first));

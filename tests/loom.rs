@@ -973,9 +973,10 @@ fn passive_coalescing_races_teardown() {
                     !stop.load(Ordering::SeqCst),
                     "called after the teardown returned"
                 );
-                // SAFETY: see `impl Sync for PortLog`; loom tracks the access.
-                log.0
-                    .with_mut(|v| unsafe { (*v).push(port.map(TeredoPort::get)) });
+                log.0.with_mut(|v| {
+                    // SAFETY: see `impl Sync for PortLog`; loom tracks the access.
+                    unsafe { (*v).push(port.map(TeredoPort::get)) }
+                });
             }
         };
         watcher.subscribe_passive(io, subscriber).unwrap();

@@ -8,15 +8,18 @@
 //! subscriber on the same object really stays queued (the mock runs one object's items in
 //! queue order on one worker thread).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{DropFlag, Gate};
 use teredo_watcher::mock::{
     MockKernel, MockNetio, ViolationPolicy, event_waits, set_violation_policy, with_irql,
     work_items_initialized_on, work_items_run_on,
@@ -136,50 +139,6 @@ fn blocked_since(before: usize) {
 /// Long enough for a thread that is not blocked to get somewhere.
 fn settle() {
     thread::sleep(Duration::from_millis(if cfg!(miri) { 20 } else { 50 }));
-}
-
-/// A gate a subscriber blocks on while it is closed; counts the callers that reached it.
-#[derive(Clone, Default)]
-struct Gate(Arc<(Mutex<(bool, usize)>, Condvar)>);
-
-impl Gate {
-    fn pass(&self) {
-        let (lock, cv) = &*self.0;
-        let mut s = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        s.1 += 1;
-        cv.notify_all();
-        while !s.0 {
-            s = cv.wait(s).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-    fn open(&self) {
-        let (lock, cv) = &*self.0;
-        lock.lock().unwrap_or_else(PoisonError::into_inner).0 = true;
-        cv.notify_all();
-    }
-    fn reached(&self) -> usize {
-        self.0.0.lock().unwrap_or_else(PoisonError::into_inner).1
-    }
-    /// Opens the gate when dropped, so a failing test unwinds instead of hanging on a
-    /// call held at the gate.
-    fn opener(&self) -> GateOpener {
-        GateOpener(self.clone())
-    }
-}
-
-struct GateOpener(Gate);
-impl Drop for GateOpener {
-    fn drop(&mut self) {
-        self.0.open();
-    }
-}
-
-/// Sets a flag when dropped: tells whether the library dropped a subscriber.
-struct DropFlag(Arc<AtomicBool>);
-impl Drop for DropFlag {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }
 
 /// A stand-in for the driver object: a unique address (never dereferenced by the mock).
