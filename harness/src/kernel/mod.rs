@@ -1,5 +1,6 @@
 //! The host model of the kernel the driver imports from: ntoskrnl's IRQL, spin locks,
-//! threads, waits, pool, bugcheck and debugger print, and netio's Teredo API.
+//! threads, waits, pool, bugcheck and debugger print, netio's Teredo API, and the filter
+//! engine's management calls (fwpkclnt.sys).
 //!
 //! Every function the image imports is an `extern "win64"` function here (the Windows x64
 //! calling convention, which the driver's `extern "system"` calls use). The model keeps the
@@ -45,6 +46,7 @@
 //! | `DbgPrint`, `DbgPrintEx`, `vDbgPrintEx` | any; Unicode conversions only at `PASSIVE_LEVEL` | reported ([`dbgprint_problems`]) |
 //! | `KeBugCheckEx` | any | the stop itself |
 //! | netio.sys `NotifyTeredoPortChange`, `GetTeredoPort` / `CancelMibChangeNotify2` | `<= APC_LEVEL` / `PASSIVE_LEVEL` | `0x0A` |
+//! | fwpkclnt.sys `FwpmEngineOpen0`, `FwpmEngineClose0`, `FwpmTransactionBegin0`, `FwpmTransactionCommit0`, `FwpmTransactionAbort0`, `FwpmProviderAdd0`, `FwpmSubLayerAdd0`, `FwpmFilterAdd0`, `FwpmFilterDeleteById0`, `FwpmSubLayerDeleteByKey0`, `FwpmProviderDeleteByKey0` | `PASSIVE_LEVEL` | `0x0A` |
 //!
 //! A reference the driver holds on its driver object, and a queued or running work item,
 //! keep the image mapped after `DriverUnload` ([`object`], [`workitem`]).
@@ -54,8 +56,9 @@
 //! This module holds the shared state (one lock, one condition variable), the constants and
 //! the import table ([`resolve`]); each subsystem is a submodule: [`irql`] (IRQL, thread
 //! ids, spin locks), [`pool`], [`wait`] (delays, events and waits), [`dbgprint`] (debugger
-//! output), [`bugcheck`] (stops), [`crt`] (the C runtime routines ntoskrnl exports) and
-//! [`netio`] (the Teredo API and the modelled client). Everything public is re-exported
+//! output), [`bugcheck`] (stops), [`crt`] (the C runtime routines ntoskrnl exports),
+//! [`netio`] (the Teredo API and the modelled client) and [`fwp`] (fwpkclnt.sys: the filter
+//! engine's management calls and the classification through its committed filters). Everything public is re-exported
 //! here, so `kernel::X` names every item.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -64,6 +67,7 @@ use std::time::Duration;
 pub mod bugcheck;
 pub mod crt;
 pub mod dbgprint;
+pub mod fwp;
 pub mod irql;
 pub mod netio;
 pub mod object;
@@ -76,6 +80,11 @@ pub mod workitem;
 
 pub use bugcheck::{Bugcheck, bugcheck, stopped};
 pub use dbgprint::{ArgSource, Formatted, dbgprint_problems, format, run_in_next_callback};
+pub use fwp::{
+    Action, CommitCause, Condition, EngineObjects, Field, Filter, FwpCall, FwpStats, Layer, Packet,
+    Snapshot, Verdict, Weight, classify, commit_history, committed, fail_call, fwp_stats,
+    fwp_trace,
+};
 pub use irql::{current_irql, set_irql, thread_id};
 pub use netio::{
     Delivery, InitialDelivery, InitialRecord, NetioCall, NetioStats, client, deliver, fail_next,
@@ -187,6 +196,7 @@ pub(crate) struct State {
     pub(crate) echo: bool,
     pub(crate) pool: Pool,
     pub(crate) netio: Netio,
+    pub(crate) fwp: fwp::Fwp,
     pub(crate) objects: Objects,
     pub(crate) work: WorkItems,
     pub(crate) bugcheck: Option<Bugcheck>,
@@ -324,6 +334,7 @@ pub fn resolve(module: &str, name: &str) -> Option<usize> {
         ("netio.sys", "NotifyTeredoPortChange") => notify_teredo_port_change as *const () as usize,
         ("netio.sys", "GetTeredoPort") => get_teredo_port as *const () as usize,
         ("netio.sys", "CancelMibChangeNotify2") => cancel_mib_change_notify2 as *const () as usize,
+        ("fwpkclnt.sys", name) => return fwp::resolve(name),
         _ => return None,
     };
     Some(address)
