@@ -162,6 +162,10 @@ pub enum Error {
         /// Bytes requested.
         bytes: usize,
     },
+    /// [`StaticTeredoWatcher::start`](crate::StaticTeredoWatcher::start) on a watcher that
+    /// is registered (stop it first), or a start or stop while another thread is starting or
+    /// stopping it. Nothing was done.
+    StaticWatcherBusy,
 }
 
 impl Error {
@@ -265,6 +269,9 @@ impl fmt::Display for Error {
             }
             Error::HandleTableClosed => f.write_str("the handle table has been torn down"),
             Error::AllocationFailed { bytes } => write!(f, "allocation of {bytes} bytes failed"),
+            Error::StaticWatcherBusy => {
+                f.write_str("the static watcher is registered, or being started or stopped")
+            }
         }
     }
 }

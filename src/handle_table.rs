@@ -533,7 +533,7 @@ impl<S: PortSource> HandleTable<S> {
         // valid until a cancel of this registration succeeds (this function's contract).
         let result = unsafe {
             self.source.notify(
-                trampoline::<S::Kernel>,
+                trampoline::<S::Kernel, crate::registry::Heap<S::Kernel>>,
                 registry.as_ptr().cast(),
                 initial_notification,
             )

@@ -269,19 +269,41 @@ impl<K: Kernel, T> Drop for SpinLockGuard<'_, K, T> {
 
 /// A notification event of the kernel backend `K`, initialized at its final address.
 ///
-/// Only [`Event::new_boxed`] makes one: it allocates the storage, then initializes it in
-/// place, so the `KEVENT` never moves after `KeInitializeEvent` (the kernel links waiters
-/// to its address).
+/// [`Event::new_boxed`] allocates the storage, then initializes it in place, so the `KEVENT`
+/// never moves after `KeInitializeEvent` (the kernel links waiters to its address).
+/// [`Event::unstarted`] builds the storage in a `const`, for a `static`;
+/// [`Event::init_in_place`] initializes it there before its first use.
 ///
 /// # Invariants
 ///
-/// `raw` was initialized with [`Kernel::event_init`] at the address it has now, and lives in
-/// a `Box` that is never moved out of.
+/// Once `set`, `clear` or `wait` is called, `raw` was initialized with [`Kernel::event_init`]
+/// at the address it has now, and it never moves: it lives in a `Box` that is never moved
+/// out of, or in a `static` (the owner of an unstarted event upholds this by calling
+/// `init_in_place` first).
 pub(crate) struct Event<K: Kernel> {
     raw: K::Event,
 }
 
 impl<K: Kernel> Event<K> {
+    /// Storage for an event in a `static`, not initialized: see
+    /// [`init_in_place`](Self::init_in_place).
+    #[cfg(not(teredo_watcher_loom))]
+    pub(crate) const fn unstarted() -> Self {
+        Event { raw: K::EVENT }
+    }
+
+    /// `KeInitializeEvent` at the event's address.
+    ///
+    /// # Safety
+    ///
+    /// The event does not move any more, no other thread uses it now, and it has not been
+    /// initialized before.
+    #[cfg(not(teredo_watcher_loom))]
+    pub(crate) unsafe fn init_in_place(&self) {
+        // SAFETY: this function's contract.
+        unsafe { K::event_init(&self.raw) };
+    }
+
     /// A new, non-signalled event in pool memory.
     pub(crate) fn new_boxed() -> Result<Box<Self>, Error> {
         #[cfg(not(teredo_watcher_loom))]

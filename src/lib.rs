@@ -53,6 +53,8 @@ mod kernel;
 mod passive;
 mod registry;
 mod source;
+#[cfg(not(teredo_watcher_loom))]
+mod static_watcher;
 mod sync;
 pub mod sys;
 mod teredo;
@@ -72,6 +74,8 @@ pub use kernel::{Kernel, ThreadToken};
 pub use passive::IoObject;
 pub use registry::{RegistryStats, SubscriberId};
 pub use source::{PortSource, RawHandle};
+#[cfg(not(teredo_watcher_loom))]
+pub use static_watcher::{StartReport, StaticTeredoWatcher};
 pub use teredo::{
     Direction, ExceptionRule, IpVersion, MAX_EXCEPTION_RULES, PacketView, Protocol, RemoteScope,
     Requirement, RuleDirection, RuleKind, Rules, TEREDO_ICMPV6_TYPES, TEREDO_MULTICAST_GROUP,
@@ -87,3 +91,13 @@ pub struct ReadmeDoctests;
 /// The watcher over the real netio layer.
 #[cfg(windows)]
 pub type NetioWatcher<'t> = TeredoPortWatcher<'t, nt::NetioPortSource>;
+
+/// The watcher in a `static` over the real netio layer, for `N` subscribers:
+///
+/// ```ignore
+/// static WATCHER: StaticNetioWatcher<4> = StaticNetioWatcher::new(NetioPortSource::new());
+/// // DriverEntry: WATCHER.start()?; classify: WATCHER.exceptions().allows(&packet);
+/// // DriverUnload: WATCHER.stop()
+/// ```
+#[cfg(all(windows, not(teredo_watcher_loom)))]
+pub type StaticNetioWatcher<const N: usize> = StaticTeredoWatcher<nt::NetioPortSource, N>;

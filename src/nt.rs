@@ -170,7 +170,7 @@ impl NtEvent {
 // the kernel's event routines, which synchronize internally (the dispatcher lock).
 unsafe impl Sync for NtEvent {}
 // SAFETY: as above; moving the storage before `KeInitializeEvent` is fine, and the crate
-// never moves an initialized one (`kernel::Event` keeps it boxed).
+// never moves an initialized one (`kernel::Event` keeps it boxed, or in a `static`).
 unsafe impl Send for NtEvent {}
 
 /// The real netio Teredo API (`netio.sys`).
@@ -184,6 +184,10 @@ impl NetioPortSource {
         NetioPortSource
     }
 }
+
+// A driver's `static StaticNetioWatcher<N>` is built by the `const fn` at compile time: this
+// evaluates one in a constant (and forgets it, as a `static` is never dropped).
+const _: () = core::mem::forget(crate::StaticNetioWatcher::<2>::new(NetioPortSource::new()));
 
 // SAFETY: this is the documented API itself: serialized callbacks, at <= DISPATCH_LEVEL,
 // context passed through, and `CancelMibChangeNotify2` waits for a callback in flight.

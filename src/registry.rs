@@ -241,7 +241,7 @@ impl Drop for Subscriber {
 /// pass touches it in `LIVE`, and only the reclaiming thread in `REMOVED` once no pass can
 /// still be calling it. A slot whose `tag` reached `u64::MAX` is retired: it never goes back
 /// to the free list, so no tag is ever issued twice.
-struct Slot {
+pub(crate) struct Slot {
     state: AtomicU8,
     tag: AtomicU64,
     next: AtomicU32,
@@ -250,6 +250,18 @@ struct Slot {
 }
 
 impl Slot {
+    #[cfg(not(teredo_watcher_loom))]
+    const fn new() -> Slot {
+        Slot {
+            state: AtomicU8::new(FREE),
+            tag: AtomicU64::new(0),
+            next: AtomicU32::new(NONE),
+            start_gen: AtomicU64::new(0),
+            callback: UnsafeCell::new(None),
+        }
+    }
+
+    #[cfg(teredo_watcher_loom)]
     fn new() -> Slot {
         Slot {
             state: AtomicU8::new(FREE),
@@ -259,6 +271,75 @@ impl Slot {
             callback: UnsafeCell::new(None),
         }
     }
+}
+
+/// Where a registry keeps its slots, its event and its passive list: on the heap
+/// ([`Heap`], the watcher's context) or inline in a `static` ([`Inline`], the static
+/// watcher).
+pub(crate) trait Store<K: Kernel> {
+    /// The passive subscribers' list, one entry per slot.
+    type Passive: AsRef<[Option<PassiveEntry<K>>]> + AsMut<[Option<PassiveEntry<K>>]> + Send;
+    /// The subscriber slots; their number is the capacity.
+    fn slots(&self) -> &[Slot];
+    /// The event waiters of a round sleep on. Only used while a round runs (`ACTIVE`), which
+    /// an [`Inline`] store's owner makes sure happens only after it initialized the event.
+    fn event(&self) -> &Event<K>;
+}
+
+/// A registry's storage allocated at creation, sized by `WatcherOptions::max_subscribers`.
+pub(crate) struct Heap<K: Kernel> {
+    slots: Box<[Slot]>,
+    event: Box<Event<K>>,
+}
+
+impl<K: Kernel> Store<K> for Heap<K> {
+    type Passive = Vec<Option<PassiveEntry<K>>>;
+    #[inline]
+    fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+    #[inline]
+    fn event(&self) -> &Event<K> {
+        &self.event
+    }
+}
+
+/// A registry's storage for `N` subscribers, built in a `const` (no allocation), for a
+/// registry that lives in a `static`.
+///
+/// # Invariants
+///
+/// `event` is initialized ([`Event::init_in_place`]) before the registry's state first has
+/// `ACTIVE` set: the owner ([`crate::StaticTeredoWatcher::start`]) initializes it before it
+/// registers or seeds, the only ways a round starts.
+#[cfg(not(teredo_watcher_loom))]
+pub(crate) struct Inline<K: Kernel, const N: usize> {
+    slots: [Slot; N],
+    event: Event<K>,
+}
+
+#[cfg(not(teredo_watcher_loom))]
+impl<K: Kernel, const N: usize> Store<K> for Inline<K, N> {
+    type Passive = [Option<PassiveEntry<K>>; N];
+    #[inline]
+    fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+    #[inline]
+    fn event(&self) -> &Event<K> {
+        &self.event
+    }
+}
+
+/// A registry identity not given to any registry before.
+fn next_registry_id() -> Result<u64, Error> {
+    NEXT_REGISTRY_ID
+        .fetch_update(
+            core::sync::atomic::Ordering::Relaxed,
+            core::sync::atomic::Ordering::Relaxed,
+            |id| id.checked_add(1),
+        )
+        .map_err(|_| Error::AllocationFailed { bytes: 0 })
 }
 
 /// Where a passive subscriber is in its life (see [`PassiveEntry`]).
@@ -274,17 +355,17 @@ enum Membership {
 
 /// A passive subscriber's core, as the registry keeps it so that unsubscribe, the watcher's
 /// release and the table's teardown can all reach it (the list owns one reference).
-struct PassiveEntry<K: Kernel> {
+pub(crate) struct PassiveEntry<K: Kernel> {
     membership: Membership,
     core: CoreRef<K>,
 }
 
 /// Membership books, under the spin lock.
-struct Books<K: Kernel> {
+struct Books<P> {
     free_head: u32,
     zombie_head: u32,
-    /// The passive subscribers, one entry per slot at most (allocated at creation).
-    passive: Vec<Option<PassiveEntry<K>>>,
+    /// The passive subscribers, one entry per slot at most (allocated with the slots).
+    passive: P,
     /// Set by the teardown (and the registry's drop): no passive subscriber is added.
     passive_closed: bool,
 }
@@ -318,7 +399,7 @@ fn missed_or_now_live(slot: &Slot, state: u8) -> bool {
 }
 
 /// The registry. Lives in the context handed to the OS; see the module docs.
-pub(crate) struct Registry<K: Kernel> {
+pub(crate) struct Registry<K: Kernel, St: Store<K> = Heap<K>> {
     state: AtomicU64,
     deliverer: AtomicUsize,
     high_water: AtomicUsize,
@@ -334,23 +415,17 @@ pub(crate) struct Registry<K: Kernel> {
     orphaned: AtomicBool,
     /// Subscribers registered (written under the books lock; read lock-free by `stats`).
     live: AtomicUsize,
-    id: u64,
-    slots: Box<[Slot]>,
-    books: SpinLock<K, Books<K>>,
-    round_ended: Box<Event<K>>,
+    /// Set at creation (heap) or at each start (inline); read by subscribe and unsubscribe.
+    id: AtomicU64,
+    store: St,
+    books: SpinLock<K, Books<St::Passive>>,
 }
 
 impl<K: Kernel> Registry<K> {
     /// A registry with room for `capacity` subscribers (allocated now, fallibly).
     pub(crate) fn new(capacity: usize) -> Result<Self, Error> {
         let capacity = capacity.min(u32::MAX as usize - 1);
-        let id = NEXT_REGISTRY_ID
-            .fetch_update(
-                core::sync::atomic::Ordering::Relaxed,
-                core::sync::atomic::Ordering::Relaxed,
-                |id| id.checked_add(1),
-            )
-            .map_err(|_| Error::AllocationFailed { bytes: 0 })?;
+        let id = next_registry_id()?;
         let mut slots = Vec::new();
         slots
             .try_reserve_exact(capacity)
@@ -385,16 +460,136 @@ impl<K: Kernel> Registry<K> {
             silenced: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
             live: AtomicUsize::new(0),
-            id,
-            slots: slots.into_boxed_slice(),
+            id: AtomicU64::new(id),
+            store: Heap {
+                slots: slots.into_boxed_slice(),
+                event: Event::new_boxed()?,
+            },
             books: SpinLock::new(Books {
                 free_head: if capacity == 0 { NONE } else { 0 },
                 zombie_head: NONE,
                 passive,
                 passive_closed: false,
             }),
-            round_ended: Event::new_boxed()?,
         })
+    }
+}
+
+#[cfg(not(teredo_watcher_loom))]
+impl<K: Kernel, const N: usize> Registry<K, Inline<K, N>> {
+    /// A registry for `N` subscribers built in a `const`: no allocation. Its event is not
+    /// initialized yet and its id is 0 until [`start`](Self::start).
+    pub(crate) const fn new_inline() -> Self {
+        assert!(N < NONE as usize, "too many subscriber slots");
+        let mut slots = [const { Slot::new() }; N];
+        let mut i = 0;
+        while i < N {
+            #[allow(clippy::cast_possible_truncation, reason = "N < u32::MAX, asserted")]
+            let next = if i + 1 < N { (i + 1) as u32 } else { NONE };
+            slots[i].next = AtomicU32::new(next);
+            i += 1;
+        }
+        Registry {
+            state: AtomicU64::new(0),
+            deliverer: AtomicUsize::new(0),
+            high_water: AtomicUsize::new(0),
+            notifications: AtomicU64::new(0),
+            overlapping: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            silenced: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            id: AtomicU64::new(0),
+            store: Inline {
+                slots,
+                event: Event::unstarted(),
+            },
+            books: SpinLock::new(Books {
+                free_head: if N == 0 { NONE } else { 0 },
+                zombie_head: NONE,
+                passive: [const { None }; N],
+                passive_closed: false,
+            }),
+        }
+    }
+
+    /// Makes the registry ready to deliver: initializes its event the first time, takes a
+    /// new id (ids of earlier starts no longer match), and lets its subscribers be called
+    /// again.
+    ///
+    /// # Safety
+    ///
+    /// The registry does not move any more (it lives in a `static`, or is leaked), and no
+    /// other thread calls `start` at the same time. `first` is true for the first call only.
+    pub(crate) unsafe fn start(&self, first: bool) -> Result<(), Error> {
+        if first {
+            // SAFETY: no round ever ran, so nothing waits on the event or sets it (the
+            // `Inline` invariant); it does not move (this function's contract), and no other
+            // thread initializes it (only the first start does).
+            unsafe { self.store.event.init_in_place() };
+        }
+        self.id.store(next_registry_id()?, Ordering::Relaxed);
+        self.silenced.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(not(teredo_watcher_loom))]
+impl<K: Kernel, St: Store<K>> Registry<K, St> {
+    /// Unsubscribes every subscriber that is `LIVE` (a subscribe that has not finished is
+    /// left alone), reclaims the deferred ones, and drains and frees every passive
+    /// subscriber; then passive subscribers may be added again. For a registry whose OS
+    /// registration is cancelled, at `< DISPATCH_LEVEL` (checked by the caller), outside its
+    /// callbacks.
+    pub(crate) fn clear_subscribers(&self, operation: &'static str) -> Result<(), Error> {
+        for index in 0..self.slots().len() {
+            let slot = &self.slots()[index];
+            {
+                let _books = self.books.lock(operation)?;
+                if slot.state.load(Ordering::SeqCst) != LIVE {
+                    continue;
+                }
+                let tag = slot.tag.load(Ordering::Relaxed);
+                slot.tag.store(tag.saturating_add(1), Ordering::Relaxed);
+                slot.state.store(REMOVED, Ordering::SeqCst);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.wait_for_round()?;
+            #[allow(clippy::cast_possible_truncation, reason = "slots < u32::MAX")]
+            self.reclaim(index as u32)?;
+        }
+        self.reclaim_deferred()?;
+        while let Some(core) = self.close_passive(operation)? {
+            core.wait_idle(operation)?;
+            core.drop_callback_if_idle();
+        }
+        loop {
+            let entry = {
+                let mut books = self.books.lock(operation)?;
+                let entry = books.passive.as_mut().iter_mut().find_map(Option::take);
+                if entry.is_none() {
+                    books.passive_closed = false;
+                }
+                entry
+            };
+            // Dropped outside the lock: the last reference frees the core.
+            match entry {
+                Some(entry) => drop(entry),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+impl<K: Kernel, St: Store<K>> Registry<K, St> {
+    #[inline]
+    fn slots(&self) -> &[Slot] {
+        self.store.slots()
+    }
+
+    #[inline]
+    fn round_ended(&self) -> &Event<K> {
+        self.store.event()
     }
 
     /// Stops calling subscribers, at once and at any IRQL: no call starts after this. Passive
@@ -408,7 +603,7 @@ impl<K: Kernel> Registry<K> {
             return;
         }
         if let Ok(books) = self.books.lock("TeredoPortWatcher::unregister") {
-            for entry in books.passive.iter().flatten() {
+            for entry in books.passive.as_ref().iter().flatten() {
                 entry.core.close();
             }
         }
@@ -490,7 +685,7 @@ impl<K: Kernel> Registry<K> {
             notifications: self.notifications.load(Ordering::Relaxed),
             overlapping: self.overlapping.load(Ordering::Relaxed),
             subscribers: self.live.load(Ordering::Relaxed),
-            capacity: self.slots.len(),
+            capacity: self.slots().len(),
         }
     }
 
@@ -595,7 +790,7 @@ impl<K: Kernel> Registry<K> {
         let high_water = self.high_water.load(Ordering::SeqCst);
         // Clamped to the table, so the slicing cannot panic on the OS's thread, and the loop
         // has a single bound.
-        let in_use = &self.slots[..high_water.min(self.slots.len())];
+        let in_use = &self.slots()[..high_water.min(self.slots().len())];
         for slot in in_use {
             let state = slot.state.load(Ordering::SeqCst);
             // The common case, LIVE, is tested first; INIT is handled in a cold function.
@@ -629,7 +824,7 @@ impl<K: Kernel> Registry<K> {
     #[cold]
     fn wake_waiters(&self) {
         if let Ok(_books) = self.books.lock("TeredoPortWatcher notification") {
-            self.round_ended.set();
+            self.round_ended().set();
         }
     }
 
@@ -646,16 +841,16 @@ impl<K: Kernel> Registry<K> {
         loop {
             {
                 let _books = self.books.lock("TeredoPortWatcher::unsubscribe")?;
-                self.round_ended.clear();
+                self.round_ended().clear();
                 let before = self.state.fetch_or(WAITERS, Ordering::SeqCst);
                 if ended(before) {
                     // The round ended before this thread could sleep: undo the clear, which
                     // another sleeper may rely on (see the module docs).
-                    self.round_ended.set();
+                    self.round_ended().set();
                     return Ok(());
                 }
             }
-            self.round_ended.wait();
+            self.round_ended().wait();
             if ended(self.state.load(Ordering::SeqCst)) {
                 return Ok(());
             }
@@ -678,10 +873,10 @@ impl<K: Kernel> Registry<K> {
                 drop(books);
                 drop(subscriber);
                 return Err(Error::SubscriberTableFull {
-                    capacity: self.slots.len(),
+                    capacity: self.slots().len(),
                 });
             }
-            let slot = &self.slots[index as usize];
+            let slot = &self.slots()[index as usize];
             books.free_head = slot.next.load(Ordering::Relaxed);
             self.live.fetch_add(1, Ordering::Relaxed);
             slot.callback.with_mut(|cb| {
@@ -695,7 +890,7 @@ impl<K: Kernel> Registry<K> {
             (index, slot.tag.load(Ordering::Relaxed))
         };
 
-        let slot = &self.slots[index as usize];
+        let slot = &self.slots()[index as usize];
         // The state (generation and port) the subscriber was last shown in a snapshot.
         let mut shown = None;
         loop {
@@ -727,7 +922,7 @@ impl<K: Kernel> Registry<K> {
             }
         }
         Ok(SubscriberId {
-            registry: self.id,
+            registry: self.id.load(Ordering::Relaxed),
             index,
             tag,
         })
@@ -751,11 +946,11 @@ impl<K: Kernel> Registry<K> {
     }
 
     fn unsubscribe_slot(&self, id: SubscriberId, inside: bool) -> Result<(), Error> {
-        if id.registry != self.id {
+        if id.registry != self.id.load(Ordering::Relaxed) {
             return Err(Error::UnknownSubscriber);
         }
         let slot = self
-            .slots
+            .slots()
             .get(id.index as usize)
             .ok_or(Error::UnknownSubscriber)?;
         {
@@ -783,7 +978,7 @@ impl<K: Kernel> Registry<K> {
 
     /// Frees the callback of a REMOVED slot no pass can be calling, and frees the slot.
     fn reclaim(&self, index: u32) -> Result<(), Error> {
-        let slot = &self.slots[index as usize];
+        let slot = &self.slots()[index as usize];
         let subscriber = slot.callback.with_mut(|cb| {
             // SAFETY: the slot is REMOVED and the round that could have been calling it has
             // ended (the caller waited), so this thread alone touches the callback.
@@ -819,10 +1014,10 @@ impl<K: Kernel> Registry<K> {
             // Put them back for a later attempt.
             if let Ok(mut books) = self.books.lock("TeredoPortWatcher::subscribe") {
                 let mut last = next;
-                while self.slots[last as usize].next.load(Ordering::Relaxed) != NONE {
-                    last = self.slots[last as usize].next.load(Ordering::Relaxed);
+                while self.slots()[last as usize].next.load(Ordering::Relaxed) != NONE {
+                    last = self.slots()[last as usize].next.load(Ordering::Relaxed);
                 }
-                self.slots[last as usize]
+                self.slots()[last as usize]
                     .next
                     .store(books.zombie_head, Ordering::Relaxed);
                 books.zombie_head = next;
@@ -831,14 +1026,14 @@ impl<K: Kernel> Registry<K> {
         }
         while next != NONE {
             let index = next;
-            next = self.slots[index as usize].next.load(Ordering::Relaxed);
+            next = self.slots()[index as usize].next.load(Ordering::Relaxed);
             self.reclaim(index)?;
         }
         Ok(())
     }
 }
 
-impl<K: Kernel> Registry<K> {
+impl<K: Kernel, St: Store<K>> Registry<K, St> {
     /// Adds a `PASSIVE_LEVEL` subscriber (see `crate::passive`): a core, listed in the books,
     /// and a registry subscriber (with a snapshot, so the first call has the port at
     /// subscription) whose dispatch side hands each port to the core.
@@ -861,15 +1056,15 @@ impl<K: Kernel> Registry<K> {
             let mut books = self.books.lock(OP)?;
             if books.passive_closed {
                 Err(Error::HandleTableClosed)
-            } else if let Some(i) = books.passive.iter().position(Option::is_none) {
-                books.passive[i] = Some(PassiveEntry {
+            } else if let Some(i) = books.passive.as_ref().iter().position(Option::is_none) {
+                books.passive.as_mut()[i] = Some(PassiveEntry {
                     membership: Membership::Subscribing,
                     core: listed,
                 });
                 Ok(i)
             } else {
                 Err(Error::SubscriberTableFull {
-                    capacity: self.slots.len(),
+                    capacity: self.slots().len(),
                 })
             }
         };
@@ -881,7 +1076,7 @@ impl<K: Kernel> Registry<K> {
         ) {
             Ok(id) => {
                 let mut books = self.books.lock(OP)?;
-                if let Some(entry) = books.passive[position].as_mut() {
+                if let Some(entry) = books.passive.as_mut()[position].as_mut() {
                     entry.membership = Membership::Live(id);
                 }
                 Ok(id)
@@ -890,7 +1085,7 @@ impl<K: Kernel> Registry<K> {
                 // Never called (every error of `subscribe` comes before the first call), so
                 // nothing is queued: closing and dropping the references frees the core.
                 core.close();
-                let entry = self.books.lock(OP)?.passive[position].take();
+                let entry = self.books.lock(OP)?.passive.as_mut()[position].take();
                 drop(entry);
                 Err(e)
             }
@@ -909,6 +1104,7 @@ impl<K: Kernel> Registry<K> {
             let mut books = self.books.lock(OP)?;
             let Some(entry) = books
                 .passive
+                .as_mut()
                 .iter_mut()
                 .flatten()
                 .find(|e| e.membership == Membership::Live(id))
@@ -928,6 +1124,7 @@ impl<K: Kernel> Registry<K> {
             let mut books = self.books.lock(OP)?;
             books
                 .passive
+                .as_mut()
                 .iter_mut()
                 .find(|e| e.as_ref().is_some_and(|e| e.core.same(&waiter)))
                 .and_then(Option::take)
@@ -945,6 +1142,7 @@ impl<K: Kernel> Registry<K> {
                 let mut books = self.books.lock(operation)?;
                 books
                     .passive
+                    .as_mut()
                     .iter_mut()
                     .find(|e| {
                         e.as_ref().is_some_and(|e| {
@@ -973,7 +1171,7 @@ impl<K: Kernel> Registry<K> {
         let mut books = self.books.lock(operation)?;
         books.passive_closed = true;
         let mut found = None;
-        for entry in books.passive.iter().flatten() {
+        for entry in books.passive.as_ref().iter().flatten() {
             entry.core.close();
             if found.is_none() && entry.core.needs_drain() && !entry.core.runs_on_current_thread() {
                 found = Some(entry.core.clone_ref());
@@ -983,7 +1181,7 @@ impl<K: Kernel> Registry<K> {
     }
 }
 
-impl<K: Kernel> Drop for Registry<K> {
+impl<K: Kernel, St: Store<K>> Drop for Registry<K, St> {
     /// Closes every passive subscriber and waits for its item (a call in flight finishes, a
     /// queued one runs as a no-op), unless this thread is inside that subscriber's call.
     /// Every caller drops a registry below `DISPATCH_LEVEL` (the watcher's release, a failed
@@ -999,7 +1197,7 @@ impl<K: Kernel> Drop for Registry<K> {
             let entry = match self.books.lock(OP) {
                 Ok(mut books) => {
                     books.passive_closed = true;
-                    books.passive.iter_mut().find_map(Option::take)
+                    books.passive.as_mut().iter_mut().find_map(Option::take)
                 }
                 Err(_) => None,
             };
@@ -1020,24 +1218,24 @@ impl<K: Kernel> Drop for Registry<K> {
 
 // SAFETY: all shared state is atomics or behind the spin lock, except the slot callbacks,
 // whose access is exclusive by the slot protocol (module docs); the callbacks are `Send`.
-unsafe impl<K: Kernel> Sync for Registry<K> {}
+unsafe impl<K: Kernel, St: Store<K>> Sync for Registry<K, St> {}
 // SAFETY: as above; moving the registry moves `Send` callbacks.
-unsafe impl<K: Kernel> Send for Registry<K> {}
+unsafe impl<K: Kernel, St: Store<K>> Send for Registry<K, St> {}
 
 /// The `PTEREDO_PORT_CHANGE_CALLBACK` handed to the OS: decodes the raw arguments and runs a
 /// pass. No panic, allocation or wait of its own (subscribers are the caller's code).
 ///
 /// # Safety
 ///
-/// `context` is a `Registry<K>` that stays valid for the duration of the call.
-pub(crate) unsafe extern "system" fn trampoline<K: Kernel>(
+/// `context` is a `Registry<K, St>` that stays valid for the duration of the call.
+pub(crate) unsafe extern "system" fn trampoline<K: Kernel, St: Store<K>>(
     context: *mut core::ffi::c_void,
     port: u16,
     notification_type: i32,
 ) {
     // SAFETY: the context is the registry the watcher registered and keeps alive until the
     // cancel of this registration succeeds (this function's contract).
-    let registry = unsafe { &*context.cast::<Registry<K>>() };
+    let registry = unsafe { &*context.cast::<Registry<K, St>>() };
     registry.deliver(port, notification_type);
 }
 
@@ -1095,7 +1293,9 @@ mod tests {
     #[test]
     fn a_slot_whose_tag_would_wrap_is_retired_not_reused() {
         let registry = Registry::<MockKernel>::new(1).expect("registry");
-        registry.slots[0].tag.store(u64::MAX - 1, Ordering::SeqCst);
+        registry.slots()[0]
+            .tag
+            .store(u64::MAX - 1, Ordering::SeqCst);
         let calls = Arc::new(AtomicUsize::new(0));
         let id = registry
             .subscribe(counter(&calls), false)

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use teredo_watcher::sys::{
     MIB_ADD_INSTANCE, MIB_DELETE_INSTANCE, MIB_INITIAL_NOTIFICATION, MIB_PARAMETER_NOTIFICATION,
 };
-use teredo_watcher::{HandleTable, TeredoEvent, TeredoPort, TeredoPortWatcher, WatcherOptions};
+use teredo_watcher::{
+    HandleTable, StaticTeredoWatcher, TeredoEvent, TeredoPort, TeredoPortWatcher, WatcherOptions,
+};
 
 #[path = "../benches/support/direct_source.rs"]
 #[allow(
@@ -257,4 +259,43 @@ fn bytes_per_subscriber() {
          + size_of the closure (allocated by subscribe; {closure_size} for a closure \
          holding two Arcs, 0 for a zero-sized one); fixed per watcher: {fixed}"
     );
+}
+
+/// Calls of [`count_call`], a subscriber with no captures (zero-sized).
+static ZST_CALLS: AtomicU64 = AtomicU64::new(0);
+
+fn count_call(_: TeredoEvent) {
+    ZST_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[test]
+fn the_static_watcher_allocates_nothing_to_start_deliver_and_stop() {
+    // The `static` a driver declares; leaked here (and freed at the end) because the direct
+    // source is built at run time.
+    let watcher: &'static StaticTeredoWatcher<DirectSource, 4> = Box::leak(Box::new(
+        StaticTeredoWatcher::new(DirectSource::new(49_152)),
+    ));
+    let before = ZST_CALLS.load(Ordering::Relaxed);
+    let ((), allocated) = allocated_by(|| {
+        watcher.subscribe(count_call).expect("subscribe");
+        let report = watcher.start().expect("start");
+        assert_eq!(report.seed_error, None);
+        let registered = watcher.source().registered();
+        for port in 50_000..50_010 {
+            // SAFETY: the watcher is registered and only this thread calls its callback.
+            unsafe { registered.fire(port, MIB_PARAMETER_NOTIFICATION) };
+        }
+        assert_eq!(watcher.current_port().map(TeredoPort::get), Some(50_009));
+        watcher.stop().expect("stop");
+    });
+    assert_eq!(
+        allocated, NOTHING,
+        "subscribe (no captures), start, ten notifications and stop allocated"
+    );
+    // The path really ran: the initial notification, the seed and the ten changes.
+    let calls = ZST_CALLS.load(Ordering::Relaxed) - before;
+    assert_eq!(calls, 12, "the subscriber's calls");
+    assert!(!watcher.source().is_registered());
+    // SAFETY: leaked above and stopped (netio holds nothing); not used again.
+    drop(unsafe { Box::from_raw(std::ptr::from_ref(watcher).cast_mut()) });
 }

@@ -24,6 +24,8 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+#[cfg(not(teredo_watcher_loom))]
+use teredo_watcher::StaticTeredoWatcher;
 use teredo_watcher::mock::MockKernel;
 use teredo_watcher::sys::{
     MIB_ADD_INSTANCE, MIB_DELETE_INSTANCE, MIB_INITIAL_NOTIFICATION, MIB_PARAMETER_NOTIFICATION,
@@ -56,7 +58,7 @@ pub const ALL_ORDERS: [Order; 4] = [
 ];
 
 /// A model of netio's Teredo API, with the controls the checks need.
-pub trait Netio: PortSource<Kernel = MockKernel> + Sized {
+pub trait Netio: PortSource<Kernel = MockKernel> + Sized + 'static {
     /// A fresh model: client stopped, no registration, no fault queued.
     fn fresh() -> Self;
     /// The orders this model can produce (all of [`ALL_ORDERS`], or the suite fails).
@@ -100,6 +102,117 @@ pub fn run_all<N: Netio>() {
     }
     a_cancel_that_fails_after_waiting_is_retried_by_teardown::<N>();
     overlapping_invocations_end_on_the_newest_port::<N>();
+    #[cfg(not(teredo_watcher_loom))]
+    {
+        the_static_watcher_learns_a_running_client_in_each_order::<N>();
+        the_static_watcher_retries_a_cancel_that_failed_after_waiting::<N>();
+    }
+}
+
+/// A `StaticTeredoWatcher` over `netio` with `'static` lifetime (as a driver's `static`).
+/// Give it back to [`free_static`] once stopped.
+#[cfg(not(teredo_watcher_loom))]
+fn leak_static<N: Netio>(netio: N) -> &'static StaticTeredoWatcher<N, 2> {
+    Box::leak(Box::new(StaticTeredoWatcher::new(netio)))
+}
+
+/// Frees a watcher from [`leak_static`].
+///
+/// # Safety
+///
+/// `watcher` came from `leak_static`, was stopped successfully (so netio holds no reference
+/// to it and none of its callbacks runs), and is not used afterwards.
+#[cfg(not(teredo_watcher_loom))]
+unsafe fn free_static<N: Netio>(watcher: &'static StaticTeredoWatcher<N, 2>) {
+    // SAFETY: the caller's contract: the box from `leak_static`, no reference left.
+    drop(unsafe { Box::from_raw(core::ptr::from_ref(watcher).cast_mut()) });
+}
+
+/// The static form in each order: subscribers added before `start` see the initial
+/// notification once, the seed or the notification leaves the running port, a deletion
+/// clears it, and `stop` leaves netio nothing.
+#[cfg(not(teredo_watcher_loom))]
+pub fn the_static_watcher_learns_a_running_client_in_each_order<N: Netio>() {
+    for order in ALL_ORDERS {
+        let netio = N::fresh();
+        netio.set_order(order);
+        netio.set_running(Some(50_031));
+        let watcher = leak_static(netio);
+        let recorder = Recorder::default();
+        watcher.subscribe(recorder.subscriber()).expect("subscribe");
+        let report = watcher.start().expect("start");
+        assert_eq!(report.seed_error, None, "{order:?}");
+        watcher.source().settle();
+        let events = recorder.events();
+        assert_eq!(
+            watcher.current_port(),
+            TeredoPort::new(50_031),
+            "{order:?}: {events:?}"
+        );
+        assert_eq!(
+            events.last().and_then(TeredoEvent::port),
+            TeredoPort::new(50_031),
+            "{order:?}: {events:?}"
+        );
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, TeredoEvent::Initial { .. }))
+                .count(),
+            1,
+            "{order:?}: {events:?}"
+        );
+        watcher.source().notify_all(50_031, MIB_DELETE_INSTANCE);
+        watcher.source().settle();
+        assert_eq!(watcher.current_port(), None, "{order:?}");
+        assert!(!recorder.overlapped.load(Ordering::SeqCst));
+        watcher.stop().expect("stop");
+        assert_eq!(watcher.source().live(), 0, "{order:?}");
+        assert_eq!(
+            Arc::strong_count(&recorder.events),
+            1,
+            "{order:?}: stop dropped the subscriber"
+        );
+        // SAFETY: from `leak_static`, stopped, not used again.
+        unsafe { free_static(watcher) };
+    }
+}
+
+/// The static form after a cancel that waited and failed: still registered, silenced, and a
+/// second `stop` cancels.
+#[cfg(not(teredo_watcher_loom))]
+pub fn the_static_watcher_retries_a_cancel_that_failed_after_waiting<N: Netio>() {
+    let watcher = StaticTeredoWatcher::with_options(N::fresh(), false, false);
+    let watcher: &'static StaticTeredoWatcher<N, 2> = Box::leak(Box::new(watcher));
+    let recorder = Recorder::default();
+    watcher.subscribe(recorder.subscriber()).expect("subscribe");
+    watcher.start().expect("start");
+    watcher.source().notify_all(50_063, MIB_ADD_INSTANCE);
+    watcher.source().settle();
+    assert_eq!(recorder.events().len(), 1);
+    watcher.source().fail_next_cancel_after_wait();
+    assert!(matches!(
+        watcher.stop(),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert!(watcher.is_running());
+    assert_eq!(watcher.source().live(), 1);
+    watcher
+        .source()
+        .notify_all(50_064, MIB_PARAMETER_NOTIFICATION);
+    watcher.source().settle();
+    assert_eq!(
+        recorder.events().len(),
+        1,
+        "silenced: {:?}",
+        recorder.events()
+    );
+    assert_eq!(watcher.current_port(), TeredoPort::new(50_064));
+    watcher.stop().expect("the retry cancels");
+    assert_eq!(watcher.source().live(), 0);
+    assert_eq!(Arc::strong_count(&recorder.events), 1, "stop dropped it");
+    // SAFETY: leaked above, stopped, not used again.
+    unsafe { free_static(watcher) };
 }
 
 /// The model produces every order the documentation allows.
