@@ -4,7 +4,8 @@
 //! ([`sysbuild`]), reads the facts a Windows loader relies on ([`pe`]), maps it at a
 //! non-preferred base with relocations applied and every import bound to a host
 //! `extern "win64"` function ([`loader`]), and runs `DriverEntry`/`DriverUnload` against a
-//! host model of the kernel as documented ([`kernel`], [`machine`]).
+//! host model of the kernel as documented ([`kernel`], [`machine`]); a driver that programs
+//! the filter engine is checked by the traffic and oracle of [`firewall`].
 //!
 //! What this proves and what it does not: see `docs/harness.md`.
 
@@ -13,6 +14,8 @@
 //! an x86-64 Unix host: elsewhere (a Windows host, another architecture) this crate
 //! compiles to nothing, and a `cargo check --workspace --all-targets` there still passes.
 
+#[cfg(all(target_arch = "x86_64", unix))]
+pub mod firewall;
 #[cfg(all(target_arch = "x86_64", unix))]
 pub mod kernel;
 #[cfg(all(target_arch = "x86_64", unix))]

@@ -403,12 +403,12 @@ fn transaction_misuse_returns_the_documented_statuses_and_abort_discards() {
     let _one = Exclusive::bare_kernel();
     let client = Client::new();
     let engine = session_with_sublayer(&client);
-    assert_eq!(commit(engine), f::FWP_E_NO_TXN_IN_PROGRESS);
-    assert_eq!(abort(engine), f::FWP_E_NO_TXN_IN_PROGRESS);
+    assert_eq!(commit(engine), f::STATUS_FWP_NO_TXN_IN_PROGRESS);
+    assert_eq!(abort(engine), f::STATUS_FWP_NO_TXN_IN_PROGRESS);
     assert_eq!(begin(engine), 0);
     assert_eq!(
         begin(engine),
-        f::FWP_E_TXN_IN_PROGRESS,
+        f::STATUS_FWP_TXN_IN_PROGRESS,
         "one transaction per session"
     );
     let mut permit = [local_port(1)];
@@ -432,7 +432,7 @@ fn transaction_misuse_returns_the_documented_statuses_and_abort_discards() {
     assert_eq!(begin(0), fwp::STATUS_INVALID_HANDLE);
     assert_eq!(commit(0x1234), fwp::STATUS_INVALID_HANDLE);
     let begin_ro: Begin = host("FwpmTransactionBegin0");
-    assert_eq!(begin_ro(engine, 0x8), f::FWP_E_INVALID_FLAGS);
+    assert_eq!(begin_ro(engine, 0x8), f::STATUS_FWP_INVALID_FLAGS);
     assert_eq!(begin_ro(engine, w::FWPM_TXN_READ_ONLY), 0);
     assert_eq!(
         client.filter(
@@ -440,7 +440,7 @@ fn transaction_misuse_returns_the_documented_statuses_and_abort_discards() {
             &spec(w::FWPM_LAYER_ALE_AUTH_CONNECT_V4, 3, w::FWP_ACTION_BLOCK),
             &mut permit
         ),
-        Err(f::FWP_E_INCOMPATIBLE_TXN)
+        Err(f::STATUS_FWP_INCOMPATIBLE_TXN)
     );
     assert_eq!(commit(engine), 0);
     assert_eq!(close(engine), 0);
@@ -465,20 +465,20 @@ fn a_failed_commit_publishes_nothing_and_ends_the_transaction() {
         )
         .expect("added");
     let generation = kernel::committed().generation;
-    fwp::fail_next(FwpCall::TransactionCommit, f::FWP_E_TXN_ABORTED);
-    assert_eq!(commit(engine), f::FWP_E_TXN_ABORTED);
+    fwp::fail_next(FwpCall::TransactionCommit, f::STATUS_FWP_TXN_ABORTED);
+    assert_eq!(commit(engine), f::STATUS_FWP_TXN_ABORTED);
     assert_eq!(kernel::committed().generation, generation);
     assert_eq!(kernel::fwp_stats().open_transactions, 0);
     assert_eq!(
         abort(engine),
-        f::FWP_E_NO_TXN_IN_PROGRESS,
+        f::STATUS_FWP_NO_TXN_IN_PROGRESS,
         "already rolled back"
     );
     assert_eq!(begin(engine), 0, "a new transaction can begin");
     assert_eq!(commit(engine), 0);
     // The trace has every call with its result, the injected one included.
     let trace = kernel::fwp_trace();
-    assert!(trace.contains(&(FwpCall::TransactionCommit, f::FWP_E_TXN_ABORTED)));
+    assert!(trace.contains(&(FwpCall::TransactionCommit, f::STATUS_FWP_TXN_ABORTED)));
     assert_eq!(
         trace
             .iter()
@@ -624,41 +624,44 @@ fn what_the_model_does_not_model_is_refused_with_a_documented_status() {
     let add = |s: &FilterSpec, c: &mut [w::FWPM_FILTER_CONDITION0]| client.filter(engine, s, c);
     assert_eq!(
         add(&spec(v4in, 16, w::FWP_ACTION_PERMIT), &mut []),
-        Err(f::FWP_E_INVALID_WEIGHT)
+        Err(f::STATUS_FWP_INVALID_WEIGHT)
     );
     let mut unknown = local_port(1);
     unknown.fieldKey = w::FWPM_CONDITION_ALE_APP_ID;
     assert_eq!(
         add(&permit, &mut [unknown]),
-        Err(f::FWP_E_CONDITION_NOT_FOUND)
+        Err(f::STATUS_FWP_CONDITION_NOT_FOUND)
     );
     let mut range = local_port(1);
     range.matchType = w::FWP_MATCH_RANGE;
     assert_eq!(
         add(&permit, &mut [range]),
-        Err(f::FWP_E_MATCH_TYPE_MISMATCH)
+        Err(f::STATUS_FWP_MATCH_TYPE_MISMATCH)
     );
     let mut wrong_type = local_port(1);
     wrong_type.conditionValue.r#type = w::FWP_UINT32;
-    assert_eq!(add(&permit, &mut [wrong_type]), Err(f::FWP_E_TYPE_MISMATCH));
+    assert_eq!(
+        add(&permit, &mut [wrong_type]),
+        Err(f::STATUS_FWP_TYPE_MISMATCH)
+    );
     assert_eq!(
         add(
             &spec(w::FWPM_LAYER_INBOUND_TRANSPORT_V4, 10, w::FWP_ACTION_PERMIT),
             &mut []
         ),
-        Err(f::FWP_E_LAYER_NOT_FOUND)
+        Err(f::STATUS_FWP_LAYER_NOT_FOUND)
     );
     assert_eq!(
         add(&spec(v4in, 10, w::FWP_ACTION_CALLOUT_TERMINATING), &mut []),
-        Err(f::FWP_E_CALLOUT_NOT_FOUND)
+        Err(f::STATUS_FWP_CALLOUT_NOT_FOUND)
     );
     assert_eq!(
         add(&spec(v4in, 10, 0x7), &mut []),
-        Err(f::FWP_E_INVALID_ACTION_TYPE)
+        Err(f::STATUS_FWP_INVALID_ACTION_TYPE)
     );
     let mut lost = spec(v4in, 10, w::FWP_ACTION_PERMIT);
     lost.sublayer = OTHER_SUBLAYER;
-    assert_eq!(add(&lost, &mut []), Err(f::FWP_E_SUBLAYER_NOT_FOUND));
+    assert_eq!(add(&lost, &mut []), Err(f::STATUS_FWP_SUBLAYER_NOT_FOUND));
     let mut bad_mask = cond(
         w::FWPM_CONDITION_IP_LOCAL_ADDRESS,
         w::FWP_V4_ADDR_MASK,
@@ -671,7 +674,7 @@ fn what_the_model_does_not_model_is_refused_with_a_documented_status() {
     bad_mask.conditionValue.Anonymous.v4AddrMask = &raw mut mask;
     assert_eq!(
         add(&permit, &mut [bad_mask]),
-        Err(f::FWP_E_INVALID_NET_MASK)
+        Err(f::STATUS_FWP_INVALID_NET_MASK)
     );
     mask = w::FWP_V4_ADDR_AND_MASK {
         addr: 0x0A00_0000,
@@ -681,16 +684,16 @@ fn what_the_model_does_not_model_is_refused_with_a_documented_status() {
     assert!(add(&permit, &mut [bad_mask]).is_ok(), "a /8 mask");
     // Deletes.
     let delete: DeleteById = host("FwpmFilterDeleteById0");
-    assert_eq!(delete(engine, 42), f::FWP_E_FILTER_NOT_FOUND);
+    assert_eq!(delete(engine, 42), f::STATUS_FWP_FILTER_NOT_FOUND);
     let delete_sublayer: DeleteByKey = host("FwpmSubLayerDeleteByKey0");
     let delete_provider: DeleteByKey = host("FwpmProviderDeleteByKey0");
     // SAFETY: GUIDs valid for the calls.
     unsafe {
-        assert_eq!(delete_sublayer(engine, &SUBLAYER), f::FWP_E_IN_USE);
-        assert_eq!(delete_provider(engine, &PROVIDER), f::FWP_E_IN_USE);
+        assert_eq!(delete_sublayer(engine, &SUBLAYER), f::STATUS_FWP_IN_USE);
+        assert_eq!(delete_provider(engine, &PROVIDER), f::STATUS_FWP_IN_USE);
         assert_eq!(
             delete_sublayer(engine, &OTHER_SUBLAYER),
-            f::FWP_E_SUBLAYER_NOT_FOUND
+            f::STATUS_FWP_SUBLAYER_NOT_FOUND
         );
     }
     let ids: Vec<u64> = kernel::committed()
@@ -707,13 +710,13 @@ fn what_the_model_does_not_model_is_refused_with_a_documented_status() {
         assert_eq!(delete_provider(engine, &PROVIDER), 0);
     }
     assert_eq!(client.provider(engine), 0);
-    assert_eq!(client.provider(engine), f::FWP_E_ALREADY_EXISTS);
+    assert_eq!(client.provider(engine), f::STATUS_FWP_ALREADY_EXISTS);
     // A NULL display name.
     let add_provider: ProviderAdd = host("FwpmProviderAdd0");
     let nameless = w::FWPM_PROVIDER0::default();
     // SAFETY: a provider with NULL strings, no security descriptor.
     let nameless = unsafe { add_provider(engine, &raw const nameless, core::ptr::null_mut()) };
-    assert_eq!(nameless, f::FWP_E_NULL_DISPLAY_NAME);
+    assert_eq!(nameless, f::STATUS_FWP_NULL_DISPLAY_NAME);
     assert_eq!(close(engine), 0);
 }
 
@@ -725,7 +728,7 @@ fn a_second_session_waits_for_the_engines_write_transaction_or_times_out() {
     let second = client.open(false, 50).expect("open");
     assert_eq!(begin(first), 0);
     let started = std::time::Instant::now();
-    assert_eq!(begin(second), f::FWP_E_TIMEOUT);
+    assert_eq!(begin(second), f::STATUS_FWP_TIMEOUT);
     assert!(started.elapsed() >= Duration::from_millis(50));
     // txnWaitTimeoutInMSec 0: the system default, no limit in the model.
     let third = client.open(false, 0).expect("open");

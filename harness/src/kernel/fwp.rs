@@ -15,11 +15,13 @@
 //! machine stops with `IRQL_NOT_LESS_OR_EQUAL`, as the kernel would when paged code runs at
 //! raised IRQL.
 //!
-//! Statuses: the documented `FWP_E_*` values (the driver docs of `fwpmk.h` list "`FWP_E_*`
-//! error code 0x80320001-0x80320039" and "other NTSTATUS codes"), `STATUS_INVALID_HANDLE`
-//! for a handle that is not an open session, `STATUS_INVALID_PARAMETER` for arguments the
-//! documentation forbids outright. Fault injection ([`fail_call`], [`fail_next`]) can make
-//! any call return any status instead.
+//! Statuses: `NTSTATUS`, as `fwpmk.h` declares the routines. A failure the engine reports
+//! is the kernel form of its WFP error, `STATUS_FWP_*` (`0xC022xxxx`, `ntstatus.h`; the
+//! driver pages also name the user-mode `FWP_E_*` forms, `0x8032xxxx`, with the same low
+//! word); a handle that is not an open session is `STATUS_INVALID_HANDLE`; arguments the
+//! documentation forbids outright (a server name, another `authnService`, a security
+//! descriptor, which the model does not model) are `STATUS_INVALID_PARAMETER`. Fault
+//! injection ([`fail_call`], [`fail_next`]) can make any call return any status instead.
 //!
 //! Filters: the layers `FWPM_LAYER_ALE_AUTH_RECV_ACCEPT_V4/_V6` (inbound) and
 //! `FWPM_LAYER_ALE_AUTH_CONNECT_V4/_V6` (outbound); another layer is `FWP_E_LAYER_NOT_FOUND`
@@ -145,34 +147,60 @@ impl FwpCall {
             ("RPC_NT_SERVER_UNAVAILABLE", f::RPC_NT_SERVER_UNAVAILABLE),
         ];
         codes.extend_from_slice(match self {
-            FwpCall::EngineOpen => &[("STATUS_FWP_NOT_FOUND*", f::STATUS_FWP_NOT_FOUND)][..],
+            FwpCall::EngineOpen => &[
+                (
+                    "STATUS_FWP_INVALID_PARAMETER",
+                    f::STATUS_FWP_INVALID_PARAMETER,
+                ),
+                ("FWP_E_INVALID_PARAMETER", f::FWP_E_INVALID_PARAMETER),
+            ][..],
             FwpCall::EngineClose => &[("STATUS_INVALID_HANDLE", f::STATUS_INVALID_HANDLE)],
             FwpCall::TransactionBegin => &[
-                ("FWP_E_TXN_IN_PROGRESS", f::FWP_E_TXN_IN_PROGRESS),
+                ("STATUS_FWP_TXN_IN_PROGRESS", f::STATUS_FWP_TXN_IN_PROGRESS),
+                ("STATUS_FWP_TIMEOUT", f::STATUS_FWP_TIMEOUT),
                 ("FWP_E_TIMEOUT", f::FWP_E_TIMEOUT),
             ],
             FwpCall::TransactionCommit => &[
+                ("STATUS_FWP_TXN_ABORTED", f::STATUS_FWP_TXN_ABORTED),
+                ("STATUS_FWP_SESSION_ABORTED", f::STATUS_FWP_SESSION_ABORTED),
                 ("FWP_E_TXN_ABORTED", f::FWP_E_TXN_ABORTED),
-                ("FWP_E_NO_TXN_IN_PROGRESS", f::FWP_E_NO_TXN_IN_PROGRESS),
             ],
-            FwpCall::TransactionAbort => {
-                &[("FWP_E_NO_TXN_IN_PROGRESS", f::FWP_E_NO_TXN_IN_PROGRESS)]
-            }
-            FwpCall::ProviderAdd | FwpCall::SubLayerAdd => {
-                &[("FWP_E_ALREADY_EXISTS", f::FWP_E_ALREADY_EXISTS)]
-            }
-            FwpCall::FilterAdd => &[
+            FwpCall::TransactionAbort => &[(
+                "STATUS_FWP_NO_TXN_IN_PROGRESS",
+                f::STATUS_FWP_NO_TXN_IN_PROGRESS,
+            )],
+            FwpCall::ProviderAdd | FwpCall::SubLayerAdd => &[
+                ("STATUS_FWP_ALREADY_EXISTS", f::STATUS_FWP_ALREADY_EXISTS),
                 ("FWP_E_ALREADY_EXISTS", f::FWP_E_ALREADY_EXISTS),
-                ("FWP_E_SUBLAYER_NOT_FOUND", f::FWP_E_SUBLAYER_NOT_FOUND),
             ],
-            FwpCall::FilterDeleteById => &[("FWP_E_FILTER_NOT_FOUND", f::FWP_E_FILTER_NOT_FOUND)],
+            FwpCall::FilterAdd => &[
+                ("STATUS_FWP_ALREADY_EXISTS", f::STATUS_FWP_ALREADY_EXISTS),
+                (
+                    "STATUS_FWP_SUBLAYER_NOT_FOUND",
+                    f::STATUS_FWP_SUBLAYER_NOT_FOUND,
+                ),
+                ("FWP_E_INVALID_WEIGHT", f::FWP_E_INVALID_WEIGHT),
+            ],
+            FwpCall::FilterDeleteById => &[
+                (
+                    "STATUS_FWP_FILTER_NOT_FOUND",
+                    f::STATUS_FWP_FILTER_NOT_FOUND,
+                ),
+                ("FWP_E_FILTER_NOT_FOUND", f::FWP_E_FILTER_NOT_FOUND),
+            ],
             FwpCall::SubLayerDeleteByKey => &[
-                ("FWP_E_SUBLAYER_NOT_FOUND", f::FWP_E_SUBLAYER_NOT_FOUND),
-                ("FWP_E_IN_USE", f::FWP_E_IN_USE),
+                (
+                    "STATUS_FWP_SUBLAYER_NOT_FOUND",
+                    f::STATUS_FWP_SUBLAYER_NOT_FOUND,
+                ),
+                ("STATUS_FWP_IN_USE", f::STATUS_FWP_IN_USE),
             ],
             FwpCall::ProviderDeleteByKey => &[
-                ("FWP_E_PROVIDER_NOT_FOUND", f::FWP_E_PROVIDER_NOT_FOUND),
-                ("FWP_E_IN_USE", f::FWP_E_IN_USE),
+                (
+                    "STATUS_FWP_PROVIDER_NOT_FOUND",
+                    f::STATUS_FWP_PROVIDER_NOT_FOUND,
+                ),
+                ("STATUS_FWP_IN_USE", f::STATUS_FWP_IN_USE),
             ],
         });
         codes
@@ -732,7 +760,7 @@ pub(crate) unsafe extern "win64" fn fwpm_engine_open0(
         return status;
     }
     if engine_handle.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     // Kernel-mode callers must pass NULL (the local engine) and one of two services.
     if !server_name.is_null() || !matches!(authn_service, RPC_C_AUTHN_WINNT | RPC_C_AUTHN_DEFAULT) {
@@ -745,7 +773,7 @@ pub(crate) unsafe extern "win64" fn fwpm_engine_open0(
         // the model does not rely on the caller's alignment.
         let s = unsafe { session.read_unaligned() };
         if s.flags & !(w::FWPM_SESSION_FLAG_DYNAMIC) != 0 {
-            return leave(CALL, f::FWP_E_INVALID_FLAGS);
+            return leave(CALL, f::STATUS_FWP_INVALID_FLAGS);
         }
         (
             s.flags & w::FWPM_SESSION_FLAG_DYNAMIC != 0,
@@ -813,7 +841,7 @@ pub(crate) extern "win64" fn fwpm_transaction_begin0(engine_handle: usize, flags
         return status;
     }
     if flags & !w::FWPM_TXN_READ_ONLY != 0 {
-        return leave(CALL, f::FWP_E_INVALID_FLAGS);
+        return leave(CALL, f::STATUS_FWP_INVALID_FLAGS);
     }
     let read_only = flags & w::FWPM_TXN_READ_ONLY != 0;
     let start = Instant::now();
@@ -827,7 +855,7 @@ pub(crate) extern "win64" fn fwpm_transaction_begin0(engine_handle: usize, flags
         };
         if session.txn.is_some() {
             drop(state);
-            return leave(CALL, f::FWP_E_TXN_IN_PROGRESS);
+            return leave(CALL, f::STATUS_FWP_TXN_IN_PROGRESS);
         }
         // One read/write transaction in the engine at a time; a read-only one needs none.
         if read_only || fwp.writer.is_none() {
@@ -844,7 +872,7 @@ pub(crate) extern "win64" fn fwpm_transaction_begin0(engine_handle: usize, flags
         let limit = session.wait_ms;
         if limit != 0 && start.elapsed() >= Duration::from_millis(u64::from(limit)) {
             drop(state);
-            return leave(CALL, f::FWP_E_TIMEOUT);
+            return leave(CALL, f::STATUS_FWP_TIMEOUT);
         }
         state = wait(state);
     }
@@ -859,7 +887,7 @@ pub(crate) extern "win64" fn fwpm_transaction_commit0(engine_handle: usize) -> i
         match fwp.sessions.get_mut(&engine_handle) {
             None => injected.unwrap_or(STATUS_INVALID_HANDLE),
             Some(session) => match session.txn.take() {
-                None => injected.unwrap_or(f::FWP_E_NO_TXN_IN_PROGRESS),
+                None => injected.unwrap_or(f::STATUS_FWP_NO_TXN_IN_PROGRESS),
                 Some(txn) => {
                     if fwp.writer == Some(engine_handle) {
                         fwp.writer = None;
@@ -905,7 +933,7 @@ pub(crate) extern "win64" fn fwpm_transaction_abort0(engine_handle: usize) -> i3
                     fwp.stats.aborts += 1;
                     STATUS_SUCCESS
                 } else {
-                    f::FWP_E_NO_TXN_IN_PROGRESS
+                    f::STATUS_FWP_NO_TXN_IN_PROGRESS
                 }
             }
         }
@@ -929,7 +957,7 @@ fn edit(
         };
         if let Some(txn) = session.txn.as_mut() {
             if txn.read_only {
-                return f::FWP_E_INCOMPATIBLE_TXN;
+                return f::STATUS_FWP_INCOMPATIBLE_TXN;
             }
             let mut work = std::mem::take(&mut txn.work);
             let result = edit(&mut work, fwp);
@@ -979,28 +1007,28 @@ pub(crate) unsafe extern "win64" fn fwpm_provider_add0(
         return status;
     }
     if provider.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     // SAFETY: an `FWPM_PROVIDER0` (this function's contract).
     let p = unsafe { provider.read_unaligned() };
     // SAFETY: NULL or NUL-terminated (this function's contract).
     let Some(name) = (unsafe { read_wide(p.displayData.name) }) else {
-        return leave(CALL, f::FWP_E_NULL_DISPLAY_NAME);
+        return leave(CALL, f::STATUS_FWP_NULL_DISPLAY_NAME);
     };
     let status = if !sd.is_null() {
         // Security descriptors are not modelled.
         STATUS_INVALID_PARAMETER
     } else if p.flags & !w::FWPM_PROVIDER_FLAG_PERSISTENT != 0 {
-        f::FWP_E_INVALID_FLAGS
+        f::STATUS_FWP_INVALID_FLAGS
     } else {
         let persistent = p.flags & w::FWPM_PROVIDER_FLAG_PERSISTENT != 0;
         edit(engine_handle, |objects, fwp| {
             if persistent && fwp.sessions.get(&engine_handle).is_some_and(|s| s.dynamic) {
-                return Err(f::FWP_E_DYNAMIC_SESSION_IN_PROGRESS);
+                return Err(f::STATUS_FWP_DYNAMIC_SESSION_IN_PROGRESS);
             }
             let key = new_key(fwp, &p.providerKey);
             if objects.providers.contains_key(&key) {
-                return Err(f::FWP_E_ALREADY_EXISTS);
+                return Err(f::STATUS_FWP_ALREADY_EXISTS);
             }
             objects.providers.insert(
                 key,
@@ -1030,13 +1058,13 @@ pub(crate) unsafe extern "win64" fn fwpm_sub_layer_add0(
         return status;
     }
     if sublayer.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     // SAFETY: an `FWPM_SUBLAYER0` (this function's contract).
     let s = unsafe { sublayer.read_unaligned() };
     // SAFETY: NULL or NUL-terminated (this function's contract).
     let Some(name) = (unsafe { read_wide(s.displayData.name) }) else {
-        return leave(CALL, f::FWP_E_NULL_DISPLAY_NAME);
+        return leave(CALL, f::STATUS_FWP_NULL_DISPLAY_NAME);
     };
     let provider = if s.providerKey.is_null() {
         None
@@ -1047,20 +1075,20 @@ pub(crate) unsafe extern "win64" fn fwpm_sub_layer_add0(
     let status = if !sd.is_null() {
         STATUS_INVALID_PARAMETER
     } else if s.flags & !w::FWPM_SUBLAYER_FLAG_PERSISTENT != 0 {
-        f::FWP_E_INVALID_FLAGS
+        f::STATUS_FWP_INVALID_FLAGS
     } else {
         let persistent = s.flags & w::FWPM_SUBLAYER_FLAG_PERSISTENT != 0;
         edit(engine_handle, |objects, fwp| {
             if persistent && fwp.sessions.get(&engine_handle).is_some_and(|s| s.dynamic) {
-                return Err(f::FWP_E_DYNAMIC_SESSION_IN_PROGRESS);
+                return Err(f::STATUS_FWP_DYNAMIC_SESSION_IN_PROGRESS);
             }
             if provider.is_some_and(|p| !objects.providers.contains_key(&p)) {
-                return Err(f::FWP_E_PROVIDER_NOT_FOUND);
+                return Err(f::STATUS_FWP_PROVIDER_NOT_FOUND);
             }
             let key = new_key(fwp, &s.subLayerKey);
             if objects.sublayers.contains_key(&key) || key == guid_u128(&w::FWPM_SUBLAYER_UNIVERSAL)
             {
-                return Err(f::FWP_E_ALREADY_EXISTS);
+                return Err(f::STATUS_FWP_ALREADY_EXISTS);
             }
             objects.sublayers.insert(
                 key,
@@ -1088,10 +1116,10 @@ unsafe fn read_condition(
     layer: Layer,
 ) -> Result<Condition, i32> {
     let Some(field) = Field::from_guid(&condition.fieldKey) else {
-        return Err(f::FWP_E_CONDITION_NOT_FOUND);
+        return Err(f::STATUS_FWP_CONDITION_NOT_FOUND);
     };
     if condition.matchType != w::FWP_MATCH_EQUAL {
-        return Err(f::FWP_E_MATCH_TYPE_MISMATCH);
+        return Err(f::STATUS_FWP_MATCH_TYPE_MISMATCH);
     }
     let value = &condition.conditionValue;
     let kind = value.r#type;
@@ -1115,12 +1143,12 @@ unsafe fn read_condition(
             // SAFETY: `type` names the member.
             let p = unsafe { v.v4AddrMask };
             if p.is_null() {
-                return Err(f::FWP_E_NULL_POINTER);
+                return Err(f::STATUS_FWP_NULL_POINTER);
             }
             // SAFETY: non-NULL, and valid as its type says (this function's contract).
             let m = unsafe { p.read_unaligned() };
             if m.mask.leading_ones() + m.mask.trailing_zeros() != 32 {
-                return Err(f::FWP_E_INVALID_NET_MASK);
+                return Err(f::STATUS_FWP_INVALID_NET_MASK);
             }
             Value::V4 {
                 addr: m.addr,
@@ -1131,7 +1159,7 @@ unsafe fn read_condition(
             // SAFETY: `type` names the member.
             let p = unsafe { v.byteArray16 };
             if p.is_null() {
-                return Err(f::FWP_E_NULL_POINTER);
+                return Err(f::STATUS_FWP_NULL_POINTER);
             }
             // SAFETY: non-NULL, and valid as its type says (this function's contract).
             let bytes = unsafe { p.read_unaligned() };
@@ -1144,19 +1172,19 @@ unsafe fn read_condition(
             // SAFETY: `type` names the member.
             let p = unsafe { v.v6AddrMask };
             if p.is_null() {
-                return Err(f::FWP_E_NULL_POINTER);
+                return Err(f::STATUS_FWP_NULL_POINTER);
             }
             // SAFETY: non-NULL, and valid as its type says (this function's contract).
             let m = unsafe { p.read_unaligned() };
             if m.prefixLength > 128 {
-                return Err(f::FWP_E_INVALID_NET_MASK);
+                return Err(f::STATUS_FWP_INVALID_NET_MASK);
             }
             Value::V6 {
                 addr: m.addr,
                 prefix: m.prefixLength,
             }
         }
-        _ => return Err(f::FWP_E_TYPE_MISMATCH),
+        _ => return Err(f::STATUS_FWP_TYPE_MISMATCH),
     };
     Ok(Condition { field, value })
 }
@@ -1175,7 +1203,7 @@ unsafe fn read_weight(weight: &w::FWP_VALUE0, conditions: usize) -> Result<(Weig
             // SAFETY: the member `type` names.
             let v = unsafe { weight.Anonymous.uint8 };
             if v > 15 {
-                return Err(f::FWP_E_INVALID_WEIGHT);
+                return Err(f::STATUS_FWP_INVALID_WEIGHT);
             }
             Ok((Weight::Uint8(v), (u64::from(v) << 60) | specificity))
         }
@@ -1183,13 +1211,13 @@ unsafe fn read_weight(weight: &w::FWP_VALUE0, conditions: usize) -> Result<(Weig
             // SAFETY: the member `type` names; valid when non-NULL (this function's contract).
             let p = unsafe { weight.Anonymous.uint64 };
             if p.is_null() {
-                return Err(f::FWP_E_NULL_POINTER);
+                return Err(f::STATUS_FWP_NULL_POINTER);
             }
             // SAFETY: as above.
             let v = unsafe { p.read_unaligned() };
             Ok((Weight::Uint64(v), v))
         }
-        _ => Err(f::FWP_E_INVALID_WEIGHT),
+        _ => Err(f::STATUS_FWP_INVALID_WEIGHT),
     }
 }
 
@@ -1213,13 +1241,13 @@ pub(crate) unsafe extern "win64" fn fwpm_filter_add0(
         return status;
     }
     if filter.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     // SAFETY: an `FWPM_FILTER0` (this function's contract).
     let fl = unsafe { filter.read_unaligned() };
     // SAFETY: NULL or NUL-terminated (this function's contract).
     let Some(name) = (unsafe { read_wide(fl.displayData.name) }) else {
-        return leave(CALL, f::FWP_E_NULL_DISPLAY_NAME);
+        return leave(CALL, f::STATUS_FWP_NULL_DISPLAY_NAME);
     };
     if !sd.is_null() {
         return leave(CALL, STATUS_INVALID_PARAMETER);
@@ -1229,22 +1257,22 @@ pub(crate) unsafe extern "win64" fn fwpm_filter_add0(
     // dynamic session below; BOOTTIME, DISABLED, provider contexts, ... are not modelled.
     let known = w::FWPM_FILTER_FLAG_CLEAR_ACTION_RIGHT | w::FWPM_FILTER_FLAG_PERSISTENT;
     if fl.flags & !known != 0 {
-        return leave(CALL, f::FWP_E_INVALID_FLAGS);
+        return leave(CALL, f::STATUS_FWP_INVALID_FLAGS);
     }
     let Some(layer) = Layer::from_guid(&fl.layerKey) else {
-        return leave(CALL, f::FWP_E_LAYER_NOT_FOUND);
+        return leave(CALL, f::STATUS_FWP_LAYER_NOT_FOUND);
     };
     let action = match fl.action.r#type {
         w::FWP_ACTION_PERMIT => Action::Permit,
         w::FWP_ACTION_BLOCK => Action::Block,
         w::FWP_ACTION_CALLOUT_TERMINATING
         | w::FWP_ACTION_CALLOUT_INSPECTION
-        | w::FWP_ACTION_CALLOUT_UNKNOWN => return leave(CALL, f::FWP_E_CALLOUT_NOT_FOUND),
-        _ => return leave(CALL, f::FWP_E_INVALID_ACTION_TYPE),
+        | w::FWP_ACTION_CALLOUT_UNKNOWN => return leave(CALL, f::STATUS_FWP_CALLOUT_NOT_FOUND),
+        _ => return leave(CALL, f::STATUS_FWP_INVALID_ACTION_TYPE),
     };
     let count = fl.numFilterConditions as usize;
     if count > 0 && fl.filterCondition.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     let mut conditions = Vec::with_capacity(count);
     for i in 0..count {
@@ -1276,19 +1304,19 @@ pub(crate) unsafe extern "win64" fn fwpm_filter_add0(
     let mut new_id = 0;
     let status = edit(engine_handle, |objects, fwp| {
         if persistent && fwp.sessions.get(&engine_handle).is_some_and(|s| s.dynamic) {
-            return Err(f::FWP_E_DYNAMIC_SESSION_IN_PROGRESS);
+            return Err(f::STATUS_FWP_DYNAMIC_SESSION_IN_PROGRESS);
         }
         if provider.is_some_and(|p| !objects.providers.contains_key(&p)) {
-            return Err(f::FWP_E_PROVIDER_NOT_FOUND);
+            return Err(f::STATUS_FWP_PROVIDER_NOT_FOUND);
         }
         if sublayer != guid_u128(&w::FWPM_SUBLAYER_UNIVERSAL)
             && !objects.sublayers.contains_key(&sublayer)
         {
-            return Err(f::FWP_E_SUBLAYER_NOT_FOUND);
+            return Err(f::STATUS_FWP_SUBLAYER_NOT_FOUND);
         }
         let key = new_key(fwp, &fl.filterKey);
         if objects.filters.values().any(|f| f.key == key) {
-            return Err(f::FWP_E_ALREADY_EXISTS);
+            return Err(f::STATUS_FWP_ALREADY_EXISTS);
         }
         new_id = fwp.next_filter_id;
         fwp.next_filter_id += 1;
@@ -1327,7 +1355,7 @@ pub(crate) extern "win64" fn fwpm_filter_delete_by_id0(engine_handle: usize, id:
             .filters
             .remove(&id)
             .map(|_| ())
-            .ok_or(f::FWP_E_FILTER_NOT_FOUND)
+            .ok_or(f::STATUS_FWP_FILTER_NOT_FOUND)
     });
     leave(CALL, status)
 }
@@ -1344,16 +1372,16 @@ pub(crate) unsafe extern "win64" fn fwpm_sub_layer_delete_by_key0(
         return status;
     }
     if key.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     // SAFETY: a GUID (this function's contract).
     let key = guid_u128(&unsafe { key.read_unaligned() });
     let status = edit(engine_handle, |objects, _| {
         if !objects.sublayers.contains_key(&key) {
-            return Err(f::FWP_E_SUBLAYER_NOT_FOUND);
+            return Err(f::STATUS_FWP_SUBLAYER_NOT_FOUND);
         }
         if objects.filters.values().any(|f| f.sublayer == key) {
-            return Err(f::FWP_E_IN_USE);
+            return Err(f::STATUS_FWP_IN_USE);
         }
         objects.sublayers.remove(&key);
         Ok(())
@@ -1373,18 +1401,18 @@ pub(crate) unsafe extern "win64" fn fwpm_provider_delete_by_key0(
         return status;
     }
     if key.is_null() {
-        return leave(CALL, f::FWP_E_NULL_POINTER);
+        return leave(CALL, f::STATUS_FWP_NULL_POINTER);
     }
     // SAFETY: a GUID (this function's contract).
     let key = guid_u128(&unsafe { key.read_unaligned() });
     let status = edit(engine_handle, |objects, _| {
         if !objects.providers.contains_key(&key) {
-            return Err(f::FWP_E_PROVIDER_NOT_FOUND);
+            return Err(f::STATUS_FWP_PROVIDER_NOT_FOUND);
         }
         let used = objects.sublayers.values().any(|s| s.provider == Some(key))
             || objects.filters.values().any(|f| f.provider == Some(key));
         if used {
-            return Err(f::FWP_E_IN_USE);
+            return Err(f::STATUS_FWP_IN_USE);
         }
         objects.providers.remove(&key);
         Ok(())
