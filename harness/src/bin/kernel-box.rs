@@ -33,7 +33,8 @@ mod host {
     use std::sync::{Arc, Mutex, PoisonError};
     use std::time::{Duration, Instant};
 
-    use teredo_harness::kernel::{self, Delivery};
+    use teredo_harness::firewall::{self, Kind, Verdicts};
+    use teredo_harness::kernel::{self, Delivery, Verdict};
     use teredo_harness::{Machine, Stop, pe, sysbuild};
 
     /// The export a driver may provide for the concurrent reader: `ULONG NTAPI (void)`, callable
@@ -43,6 +44,10 @@ mod host {
     const CHANGES: usize = 8;
     /// How long a step of the handshake may wait for the other threads before giving up.
     const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long the driver may take to commit the filters for a new port.
+    const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Threads replaying traffic through the committed filters.
+    const REPLAYERS: usize = 2;
 
     /// Whose image runs: ours (its log lines are known) or any other (only the kernel model's
     /// records are checked).
@@ -273,7 +278,8 @@ mod host {
                     machine.image().imports_bound()
                 );
                 section("running the driver (its own DbgPrint output, and [harness] steps)");
-                if let Err(stop) = run(&machine, subject, &mut checks) {
+                let filters = has_module(&facts.modules(), "fwpkclnt.sys");
+                if let Err(stop) = run(&machine, subject, filters, &mut checks) {
                     checks.check(false, format!("the scenario ran to the end: {stop}"));
                 }
             }
@@ -351,11 +357,16 @@ mod host {
                     facts.checksum_stored != 0 && facts.checksum_stored == facts.checksum_computed,
                     "PE checksum valid",
                 );
+                let allowed = ["netio.sys", "ntoskrnl.exe", "fwpkclnt.sys"];
                 checks.check(
-                    modules.len() == 2
+                    modules.iter().all(|m| has_module(&allowed, m))
                         && has_module(&modules, "netio.sys")
                         && has_module(&modules, "ntoskrnl.exe"),
-                    "imports only from netio.sys and ntoskrnl.exe (no iphlpapi.dll, no user-mode DLL)",
+                    format!(
+                        "imports only from netio.sys, ntoskrnl.exe and fwpkclnt.sys (no \
+                         iphlpapi.dll, no fwpuclnt.dll, no user-mode DLL; modules: {})",
+                        modules.join(", ")
+                    ),
                 );
             }
             Subject::Foreign => {
@@ -368,7 +379,7 @@ mod host {
                         facts.checksum_stored
                     ),
                 );
-                let kernel_modules = ["ntoskrnl.exe", "hal.dll", "netio.sys"];
+                let kernel_modules = ["ntoskrnl.exe", "hal.dll", "netio.sys", "fwpkclnt.sys"];
                 let user_mode: Vec<&str> = modules
                     .iter()
                     .copied()
@@ -400,10 +411,23 @@ mod host {
         }
     }
 
-    fn run(machine: &Machine, subject: Subject, checks: &mut Checks) -> Result<(), Stop> {
+    #[allow(clippy::too_many_lines, reason = "the scenario, read top to bottom")]
+    fn run(
+        machine: &Machine,
+        subject: Subject,
+        filters: bool,
+        checks: &mut Checks,
+    ) -> Result<(), Stop> {
         kernel::note("DriverEntry at PASSIVE_LEVEL");
         let status = machine.driver_entry()?;
         checks.check(status == 0, format!("DriverEntry returned {status:#010x}"));
+        let fw = if filters {
+            entry_filter_checks(checks);
+            Some(Firewall::start(machine))
+        } else {
+            println!("firewall: skipped (the image imports nothing from fwpkclnt.sys)");
+            None
+        };
         let registered = kernel::netio_stats().handles.len();
         checks.check(
             registered >= 1,
@@ -428,7 +452,19 @@ mod host {
 
         kernel::note("the Teredo client starts");
         let before = kernel::netio_stats();
+        let notified = Instant::now();
         let first = machine.on_cpu("client start", 0, kernel::client::start)?;
+        if let Some(fw) = &fw {
+            fw.traffic.notified(notified, first);
+            let committed = fw.traffic.wait_committed(first);
+            checks.check(
+                committed,
+                format!(
+                    "the driver committed the exception for the client's first port {first} \
+                     (within {COMMIT_TIMEOUT:?})"
+                ),
+            );
+        }
         let after = kernel::netio_stats();
         checks.check(
             after.delivered - before.delivered == before.live.len() as u64,
@@ -439,7 +475,10 @@ mod host {
             ),
         );
 
-        concurrent_changes(machine, subject, first, checks)?;
+        concurrent_changes(machine, subject, first, fw.as_ref(), checks)?;
+        if let Some(fw) = fw {
+            fw.finish(machine, checks)?;
+        }
 
         kernel::note("the Teredo client stops");
         machine.on_cpu("client stop", 0, kernel::client::stop)?;
@@ -490,8 +529,305 @@ mod host {
                 netio.handles.len()
             ),
         );
+        if filters {
+            let engine = kernel::fwp_stats();
+            let work = kernel::work_item_stats();
+            checks.check(
+                engine.live_sessions.is_empty()
+                    && engine.open_transactions == 0
+                    && engine.committed == (0, 0, 0),
+                format!(
+                    "after unload no filter, sublayer, provider, session or transaction is \
+                     left ({} sessions opened, {} commits; left: {} sessions, {} transactions, \
+                     {:?} providers/sublayers/filters)",
+                    engine.sessions_opened,
+                    engine.commits,
+                    engine.live_sessions.len(),
+                    engine.open_transactions,
+                    engine.committed
+                ),
+            );
+            checks.check(
+                kernel::work_items_outstanding() == 0 && work.live == 0,
+                format!(
+                    "after unload no work item is queued, running or allocated ({} queued, {} \
+                     completed, {} live)",
+                    work.queued, work.completed, work.live
+                ),
+            );
+        }
         checks.check(kernel::stopped().is_none(), "no bugcheck");
         Ok(())
+    }
+
+    /// The filters `DriverEntry` committed: a dynamic session, our provider and sublayer,
+    /// the demo policy in force, no transaction left open.
+    fn entry_filter_checks(checks: &mut Checks) {
+        let engine = kernel::fwp_stats();
+        let snapshot = kernel::committed();
+        let analysis = firewall::analyse(&snapshot.objects, &[]);
+        checks.check(
+            engine.live_sessions.len() == 1 && engine.open_transactions == 0,
+            format!(
+                "DriverEntry opened one filter engine session and left no transaction open \
+                 ({} live, {} open)",
+                engine.live_sessions.len(),
+                engine.open_transactions
+            ),
+        );
+        let (providers, sublayers, filters) = engine.committed;
+        checks.check(
+            providers >= 1 && sublayers >= 1 && filters >= 1 && analysis.policy,
+            format!(
+                "DriverEntry committed its provider, sublayer and filters with the demo policy \
+                 in force ({providers} providers, {sublayers} sublayers, {filters} filters, \
+                 generation {})",
+                snapshot.generation
+            ),
+        );
+    }
+
+    /// What the traffic threads, the changers and the harness share.
+    #[derive(Default)]
+    struct Traffic {
+        /// When netio began delivering each port, oldest first.
+        notifications: Mutex<Vec<(Instant, u16)>>,
+        /// The client's current and previous port, as the packet source addresses them.
+        ports: Mutex<(Option<u16>, Option<u16>)>,
+        /// Set to stop the replay threads.
+        stop: AtomicBool,
+        /// Waits for a commit that timed out.
+        commit_timeouts: AtomicUsize,
+    }
+
+    impl Traffic {
+        /// netio began delivering `port` at `at`.
+        fn notified(&self, at: Instant, port: u16) {
+            self.notifications
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((at, port));
+            let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
+            *ports = (Some(port), ports.0);
+        }
+
+        fn reported(&self) -> Vec<u16> {
+            self.notifications
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(_, p)| *p)
+                .collect()
+        }
+
+        /// Waits until the committed port is `port`, at most [`COMMIT_TIMEOUT`].
+        fn wait_committed(&self, port: u16) -> bool {
+            let start = Instant::now();
+            let reported = self.reported();
+            loop {
+                let snapshot = kernel::committed();
+                if firewall::analyse(&snapshot.objects, &reported).committed == Some(port) {
+                    return true;
+                }
+                if start.elapsed() > COMMIT_TIMEOUT || kernel::stopped().is_some() {
+                    self.commit_timeouts.fetch_add(1, Ordering::SeqCst);
+                    return false;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// The firewall part of the scenario: replay threads from `DriverEntry` on.
+    struct Firewall {
+        traffic: Arc<Traffic>,
+        replayers: Vec<teredo_harness::machine::Cpu<Verdicts>>,
+        from: Instant,
+    }
+
+    impl Firewall {
+        fn start(machine: &Machine) -> Firewall {
+            let traffic = Arc::new(Traffic::default());
+            kernel::note(&format!(
+                "{REPLAYERS} threads replay traffic through the committed filters"
+            ));
+            let replayers = (0..REPLAYERS)
+                .map(|n| {
+                    let traffic = Arc::clone(&traffic);
+                    machine.spawn(&format!("traffic {n}"), kernel::PASSIVE_LEVEL, move || {
+                        let mut verdicts = Verdicts::default();
+                        let mut round = 0;
+                        while !traffic.stop.load(Ordering::SeqCst) {
+                            let (current, previous) =
+                                *traffic.ports.lock().unwrap_or_else(PoisonError::into_inner);
+                            firewall::replay_round(current, previous, round, &mut verdicts);
+                            round += 1;
+                            std::thread::yield_now();
+                        }
+                        verdicts
+                    })
+                })
+                .collect();
+            Firewall {
+                traffic,
+                replayers,
+                from: Instant::now(),
+            }
+        }
+
+        /// Once quiet: the committed port is the client's, the explicit traffic checks, the
+        /// oracle's judgement of every verdict and the commit checks.
+        #[allow(
+            clippy::too_many_lines,
+            reason = "the firewall checks, one after the other"
+        )]
+        fn finish(self, machine: &Machine, checks: &mut Checks) -> Result<(), Stop> {
+            let client = kernel::client::port();
+            let quiet = client.is_some_and(|p| self.traffic.wait_committed(p));
+            let until = Instant::now();
+            self.traffic.stop.store(true, Ordering::SeqCst);
+            let mut verdicts = Verdicts::default();
+            for replayer in self.replayers {
+                verdicts.merge(machine.join(replayer)?);
+            }
+            let reported = self.traffic.reported();
+            let snapshot = kernel::committed();
+            let analysis = firewall::analyse(&snapshot.objects, &reported);
+            checks.check(
+                quiet && analysis.committed == client,
+                format!(
+                    "once quiet the committed port is the client's ({:?}, client {client:?})",
+                    analysis.committed
+                ),
+            );
+            // The explicit checks, on the final snapshot.
+            let (current, previous) = *self
+                .traffic
+                .ports
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let explicit: Vec<(Kind, kernel::Packet)> = firewall::traffic(current, previous, 0);
+            let verdict_of = |kind: Kind| {
+                explicit.iter().find(|(k, _)| *k == kind).map(|(k, p)| {
+                    let (verdict, _, generation) = kernel::classify(p);
+                    (*k, *p, verdict, generation)
+                })
+            };
+            for (kind, want, what) in [
+                (
+                    Kind::CurrentPort,
+                    Verdict::Permit,
+                    "traffic to the current Teredo port permitted",
+                ),
+                (
+                    Kind::PreviousPort,
+                    Verdict::Block,
+                    "traffic to the previous port blocked once the change committed",
+                ),
+                (
+                    Kind::UnicastStatic,
+                    Verdict::Block,
+                    "unicast traffic to local 3544 blocked",
+                ),
+                (
+                    Kind::MulticastStatic,
+                    Verdict::Permit,
+                    "224.0.0.253:3544 (local discovery) permitted",
+                ),
+                (
+                    Kind::Icmpv6Listed,
+                    Verdict::Permit,
+                    "a listed ICMPv6 type permitted",
+                ),
+                (
+                    Kind::Icmpv6Unlisted,
+                    Verdict::Block,
+                    "an unlisted ICMPv6 type blocked",
+                ),
+            ] {
+                let got = verdict_of(kind);
+                if let Some((k, p, v, g)) = got {
+                    verdicts.record(k, p, v, g);
+                }
+                checks.check(
+                    got.is_some_and(|(_, _, v, _)| v == want),
+                    format!("{what} ({:?})", got.map(|(_, p, v, _)| (p.local_port, v))),
+                );
+            }
+
+            let history = kernel::commit_history();
+            let judgement = firewall::judge(&verdicts, &history, &reported);
+            let notifications = self
+                .traffic
+                .notifications
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let commits = firewall::commit_checks(&history, &notifications, self.from, until);
+            kernel::note(&format!(
+                "{} classifications through {} committed snapshots; by kind (permitted, \
+                 blocked): {:?}",
+                verdicts.total(),
+                judgement.generations,
+                judgement.by_kind
+            ));
+            match firewall::lag_summary(&commits.lags) {
+                Some((min, median, max)) => println!(
+                    "exception lag (netio's notification to the commit that makes its port the \
+                     committed one): min {} us, median {} us, max {} us over {} notifications",
+                    min.as_micros(),
+                    median.as_micros(),
+                    max.as_micros(),
+                    commits.lags.len()
+                ),
+                None => println!("exception lag: no notification was committed"),
+            }
+            println!(
+                "firewall: {} permitted, {} blocked, {} wrong verdicts",
+                judgement.permitted, judgement.blocked, judgement.wrong
+            );
+            for example in &judgement.examples {
+                println!("    wrong: {example}");
+            }
+            checks.check(
+                judgement.wrong == 0 && judgement.permitted > 0 && judgement.blocked > 0,
+                format!(
+                    "firewall: {} permitted, {} blocked, {} wrong verdicts (the oracle: the \
+                     Teredo rules for the port committed at that moment)",
+                    judgement.permitted, judgement.blocked, judgement.wrong
+                ),
+            );
+            checks.check(
+                commits.examined >= 1
+                    && commits.unreported.is_empty()
+                    && commits.doubles.is_empty()
+                    && commits.without_policy.is_empty(),
+                format!(
+                    "every committed dynamic port is one netio reported, one at a time, with the \
+                     policy in force ({} commits examined; unreported {:?}, doubles {:?}, \
+                     without policy {:?})",
+                    commits.examined, commits.unreported, commits.doubles, commits.without_policy
+                ),
+            );
+            checks.check(
+                commits.gaps.is_empty(),
+                format!(
+                    "no commit left the live Teredo port without its exception ({} gaps)",
+                    commits.gaps.len()
+                ),
+            );
+            let timeouts = self.traffic.commit_timeouts.load(Ordering::SeqCst);
+            checks.check(
+                commits.never_committed.is_empty() && timeouts == 0 && !commits.lags.is_empty(),
+                format!(
+                    "every port netio reported was committed ({} notifications, never committed \
+                     {:?}, {timeouts} waits timed out)",
+                    notifications.len(),
+                    commits.never_committed
+                ),
+            );
+            Ok(())
+        }
     }
 
     /// What the changers and the reader share.
@@ -586,6 +922,7 @@ mod host {
         machine: &Machine,
         subject: Subject,
         first: u16,
+        fw: Option<&Firewall>,
         checks: &mut Checks,
     ) -> Result<(), Stop> {
         kernel::set_callback_irql(kernel::DISPATCH_LEVEL);
@@ -622,9 +959,11 @@ mod host {
         // ports[k] is the client's port after change k (ports[0]: before the first).
         let ports = Arc::new(Mutex::new(vec![first]));
         let before = kernel::netio_stats();
+        let traffic = fw.map(|fw| Arc::clone(&fw.traffic));
         let changers: Vec<_> = (0..2)
             .map(|n| {
                 let (shake, ports) = (Arc::clone(&shake), Arc::clone(&ports));
+                let traffic = traffic.clone();
                 machine.spawn(&format!("restarts {n}"), 0, move || {
                     for k in (n..CHANGES).step_by(2) {
                         // Change k + 1: after change k, and after a quiet read in window k.
@@ -635,11 +974,18 @@ mod host {
                             return false;
                         }
                         shake.started.fetch_add(1, Ordering::SeqCst);
+                        let notified = Instant::now();
                         let port = kernel::client::start();
                         ports
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .push(port);
+                        if let Some(traffic) = &traffic {
+                            // The driver's work item commits the new exception; the next
+                            // change waits for it, so each change's lag is measured alone.
+                            traffic.notified(notified, port);
+                            traffic.wait_committed(port);
+                        }
                         shake.done.fetch_add(1, Ordering::SeqCst);
                     }
                     true
