@@ -22,8 +22,9 @@ use core::ffi::{c_char, c_void};
 use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 
-use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::driver::{self, DriverConfig, Firewall, TeredoMonitor};
 use teredo_monitor_logic::exceptions::AppliedExceptions;
+use teredo_monitor_logic::firewall::NoFilterEngine;
 use teredo_monitor_logic::log::{Line, LogText as _};
 use teredo_monitor_logic::platform::log;
 use teredo_monitor_logic::slot::DriverSlot;
@@ -193,7 +194,13 @@ pub unsafe extern "system" fn driver_entry(
     driver: *mut DriverObject,
     _registry_path: *const c_void,
 ) -> i32 {
-    let status = driver::driver_entry(&TABLE, &DRIVER, &PUBLISHED, DriverConfig::default());
+    let status = driver::driver_entry(
+        &TABLE,
+        &DRIVER,
+        &PUBLISHED,
+        DriverConfig::default(),
+        None::<Firewall<NoFilterEngine>>,
+    );
     if status.is_success() {
         // SAFETY: `driver` is valid for writes and exclusively ours during this call (this
         // function's contract).

@@ -10,8 +10,9 @@ use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 use wdk_sys::{DRIVER_OBJECT, NTSTATUS, PCUNICODE_STRING};
 
-use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
+use teredo_monitor_logic::driver::{self, DriverConfig, Firewall, TeredoMonitor};
 use teredo_monitor_logic::exceptions::AppliedExceptions;
+use teredo_monitor_logic::firewall::NoFilterEngine;
 use teredo_monitor_logic::log::{Line, LogText as _};
 use teredo_monitor_logic::platform::log;
 use teredo_monitor_logic::slot::DriverSlot;
@@ -54,7 +55,13 @@ pub unsafe extern "system" fn driver_entry(
     driver: &mut DRIVER_OBJECT,
     _registry_path: PCUNICODE_STRING,
 ) -> NTSTATUS {
-    let status = driver::driver_entry(&TABLE, &DRIVER, &PUBLISHED, DriverConfig::default());
+    let status = driver::driver_entry(
+        &TABLE,
+        &DRIVER,
+        &PUBLISHED,
+        DriverConfig::default(),
+        None::<Firewall<NoFilterEngine>>,
+    );
     if status.is_success() {
         driver.DriverUnload = Some(driver_unload);
     }

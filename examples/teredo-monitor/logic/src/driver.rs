@@ -12,14 +12,40 @@
 //! driver_entry:  register (with the event logger, initial notification)
 //!             -> subscribe the exception tracker (snapshot first; from then on it
 //!                publishes every applied set in the AppliedExceptions word classify reads)
+//!             -> with a firewall: open the filter engine (dynamic session) and commit the
+//!                filters in one transaction (crate::firewall), then subscribe the
+//!                FirewallManager at PASSIVE_LEVEL (a work item on the driver object)
 //!             -> move the state into the DriverSlot          => STATUS_SUCCESS
-//!   a failing step undoes the steps before it (cancel the registration) and returns its
-//!   status; the platform sets DriverUnload only on success.
-//! driver_unload: take the state out of the slot -> cancel the registration (waits for a
-//!                callback in flight) -> free it -> tear the handle table down
+//!   a failing step undoes the steps before it (the filters and the engine, then the
+//!   registration) and returns its status; the platform sets DriverUnload only on success.
+//! driver_unload: take the state out of the slot
+//!                -> unsubscribe the firewall's PASSIVE_LEVEL subscriber (waits for a
+//!                   running call, a queued one runs as a no-op): its manager is dropped,
+//!                   which deletes the filters in one transaction and closes the engine
+//!                -> cancel the registration (waits for a callback in flight) -> free it
+//!                -> tear the handle table down
 //!                -> AppliedExceptions back to "not loaded"
 //!                -> if a registration could not be cancelled: keep the image loaded
 //! ```
+//!
+//! # Why this order at unload
+//!
+//! - **The work item first.** The filter manager is owned by the passive subscriber's
+//!   closure, and only its calls touch the engine handle. Unsubscribing waits for a call in
+//!   flight and lets a queued item run as a no-op, so after it no transaction of a port
+//!   change can start, run or race the removal, and no work item of ours is left queued.
+//! - **Then the filters and the engine.** Dropping the closure drops the manager, the
+//!   handle's only owner: its last use is the removal transaction, then the close. Removing
+//!   the firewall before cancelling the Teredo registration means that the block policy is
+//!   never committed while the exceptions no longer follow the port: cancelling first would
+//!   leave a window in which a port change is not followed and the new port's traffic is
+//!   blocked.
+//! - **Then the registration, then the table.** As without a firewall: no callback runs
+//!   after the cancel, and the teardown cancels whatever is left.
+//!
+//! If the subscriber cannot be waited for (`DriverUnload` inside a notification callback of
+//! its own registration), only new calls are stopped and the library drops the closure, so
+//! removes the filters, at the table's teardown.
 //!
 //! # A registration that cannot be cancelled
 //!
@@ -37,11 +63,12 @@ use alloc::boxed::Box;
 use core::fmt;
 
 use teredo_watcher::{
-    Error, HandleTable, Irql, Kernel, PortSource, TeardownReport, TeredoEvent, TeredoExceptions,
-    TeredoPortWatcher, WatcherOptions,
+    Error, HandleTable, IoObject, Irql, Kernel, PortSource, SubscriberId, TeardownReport,
+    TeredoEvent, TeredoExceptions, TeredoPort, TeredoPortWatcher, WatcherOptions,
 };
 
 use crate::exceptions::{AppliedExceptions, ExceptionChange, ExceptionTracker, event_name};
+use crate::firewall::{FilterEngine, FirewallManager};
 use crate::log::{Line, LogText, Port};
 use crate::slot::DriverSlot;
 use crate::status::NtStatus;
@@ -49,15 +76,16 @@ use crate::status::NtStatus;
 /// How the driver registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DriverConfig {
-    /// Subscriber capacity of the watcher. The driver installs two (the event logger and
-    /// the exception tracker); a smaller value makes step 2 of `DriverEntry` fail, which the
-    /// tests use to exercise the rollback.
+    /// Subscriber capacity of the watcher. The driver installs three (the event logger, the
+    /// exception tracker and, with a firewall, the filter manager at `PASSIVE_LEVEL`); a
+    /// smaller value makes a later step of `DriverEntry` fail, which the tests use to
+    /// exercise the rollback.
     pub max_subscribers: usize,
 }
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        DriverConfig { max_subscribers: 2 }
+        DriverConfig { max_subscribers: 3 }
     }
 }
 
@@ -71,13 +99,26 @@ impl DriverConfig {
     }
 }
 
-/// The driver's state while it is loaded: its registration for Teredo port changes.
+/// The firewall part of the driver: the filter engine to program, and the object its
+/// `PASSIVE_LEVEL` work items are made on (the driver object).
+#[derive(Debug)]
+pub struct Firewall<E: FilterEngine> {
+    /// The filter engine (`WfpEngine` in the driver, `MockFilterEngine` on the host).
+    pub engine: E,
+    /// The driver object (a work item made on it keeps the image loaded while queued).
+    pub io_object: IoObject,
+}
+
+/// The driver's state while it is loaded: its registration for Teredo port changes, and the
+/// firewall's subscriber.
 ///
-/// Lives in one [`DriverSlot`] from the end of `DriverEntry` to `DriverUnload`. The two
-/// subscribers own their own state (the event counter, the [`ExceptionTracker`]), so
-/// callbacks never touch the slot.
+/// Lives in one [`DriverSlot`] from the end of `DriverEntry` to `DriverUnload`. The
+/// subscribers own their own state (the event counter, the [`ExceptionTracker`], the
+/// [`FirewallManager`]), so callbacks and work items never touch the slot.
 pub struct TeredoMonitor<'t, S: PortSource> {
     watcher: TeredoPortWatcher<'t, S>,
+    /// The `PASSIVE_LEVEL` subscriber that owns the [`FirewallManager`], with a firewall.
+    firewall: Option<SubscriberId>,
 }
 
 impl<S: PortSource> TeredoMonitor<'_, S> {
@@ -96,6 +137,7 @@ impl<S: PortSource> fmt::Debug for TeredoMonitor<'_, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TeredoMonitor")
             .field("watcher", &self.watcher)
+            .field("firewall", &self.firewall)
             .finish()
     }
 }
@@ -107,6 +149,11 @@ pub enum EntryStep {
     Register,
     /// The exception tracker subscribes (and gets a snapshot of the current port).
     SubscribeExceptions,
+    /// With a firewall: the filter engine is opened and the filters committed in one
+    /// transaction.
+    InstallFilters,
+    /// With a firewall: the filter manager subscribes at `PASSIVE_LEVEL`.
+    SubscribeFirewall,
     /// The state moves into the driver's slot.
     StoreState,
 }
@@ -118,6 +165,12 @@ impl EntryStep {
         match self {
             EntryStep::Register => "step 1/3 (register: NotifyTeredoPortChange)",
             EntryStep::SubscribeExceptions => "step 2/3 (subscribe the exception tracker)",
+            EntryStep::InstallFilters => {
+                "firewall 1/2 (open the filter engine, commit the filters in one transaction)"
+            }
+            EntryStep::SubscribeFirewall => {
+                "firewall 2/2 (subscribe the filter manager at PASSIVE_LEVEL)"
+            }
             EntryStep::StoreState => "step 3/3 (store the driver state)",
         }
     }
@@ -197,6 +250,29 @@ fn exception_subscriber(
     }
 }
 
+/// The firewall's `PASSIVE_LEVEL` subscriber: owns the [`FirewallManager`] and makes its
+/// dynamic-port filters follow each port it is called with (the newest, coalesced). Runs on
+/// a system worker thread at `PASSIVE_LEVEL`, serialized. Dropping it (unsubscribe, the
+/// watcher's release, the table's teardown) drops the manager, which removes the filters and
+/// closes the engine.
+fn firewall_subscriber<K: Kernel, E: FilterEngine>(
+    mut manager: FirewallManager<E>,
+) -> impl FnMut(Option<TeredoPort>) + Send + 'static {
+    move |port| {
+        log!(
+            "  firewall subscriber at ",
+            K::current_irql(),
+            ": port ",
+            Port(port),
+            " (committed ",
+            Port(manager.committed_port()),
+            ")"
+        );
+        // `set_port` logs its outcome; a failure is retried by the next call.
+        let _ = manager.set_port(port);
+    }
+}
+
 /// Moves `value` to the heap, or gives it back when the allocation fails (a driver must
 /// return a status, not abort).
 fn try_box<T>(value: T) -> Result<Box<T>, T> {
@@ -219,9 +295,23 @@ fn try_box<T>(value: T) -> Result<Box<T>, T> {
 }
 
 /// Cancels the registration made by a `DriverEntry` that fails later, and makes sure
-/// nothing it registered is left: if the cancel itself fails, the handle table's teardown
-/// cancels what is left (the image is about to be unloaded).
-fn roll_back<S: PortSource>(table: &HandleTable<S>, watcher: TeredoPortWatcher<'_, S>) {
+/// nothing it registered is left: the firewall's subscriber first (dropping it removes the
+/// filters and closes the engine), then the registration; if the cancel itself fails, the
+/// handle table's teardown cancels what is left (the image is about to be unloaded).
+fn roll_back<S: PortSource>(
+    table: &HandleTable<S>,
+    watcher: TeredoPortWatcher<'_, S>,
+    firewall: Option<SubscriberId>,
+) {
+    if let Some(id) = firewall
+        && let Err(error) = watcher.unsubscribe(id)
+    {
+        log!(
+            "  rollback: unsubscribing the filter manager failed (",
+            error,
+            "); the cancel below drops it"
+        );
+    }
     match watcher.unregister() {
         Ok(()) => log!("  rolled back: registration cancelled"),
         Err(error) => {
@@ -244,10 +334,11 @@ fn roll_back<S: PortSource>(table: &HandleTable<S>, watcher: TeredoPortWatcher<'
 }
 
 /// The steps of `DriverEntry` up to a complete state (see the module documentation).
-fn load<'t, S: PortSource>(
+fn load<'t, S: PortSource, E: FilterEngine>(
     table: &'t HandleTable<S>,
     published: &'static AppliedExceptions,
     config: DriverConfig,
+    firewall: Option<Firewall<E>>,
 ) -> Result<TeredoMonitor<'t, S>, (EntryStep, NtStatus)> {
     let failed = |step: EntryStep, error: &Error| {
         let status = NtStatus::from_error(error);
@@ -283,18 +374,67 @@ fn load<'t, S: PortSource>(
     // Step 2. Undo: cancel the registration.
     if let Err(error) = watcher.subscribe_with_snapshot(exception_subscriber(published)) {
         let failure = failed(EntryStep::SubscribeExceptions, &error);
-        roll_back(table, watcher);
+        roll_back(table, watcher, None);
         published.clear();
         return Err(failure);
     }
 
-    Ok(TeredoMonitor { watcher })
+    let Some(Firewall { engine, io_object }) = firewall else {
+        return Ok(TeredoMonitor {
+            watcher,
+            firewall: None,
+        });
+    };
+
+    // Firewall 1/2. A failed install leaves nothing in the engine (it aborts and closes);
+    // undo: cancel the registration.
+    let port = watcher.current_port();
+    log!(
+        "DriverEntry: ",
+        EntryStep::InstallFilters,
+        " for the dynamic port ",
+        Port(port)
+    );
+    let manager = match FirewallManager::install(engine, port) {
+        Ok(manager) => manager,
+        Err(error) => {
+            let status = error.nt_status();
+            log!(
+                "DriverEntry: ",
+                EntryStep::InstallFilters,
+                " failed: ",
+                error,
+                " (status ",
+                status,
+                "); transaction aborted, engine closed"
+            );
+            roll_back(table, watcher, None);
+            published.clear();
+            return Err((EntryStep::InstallFilters, status));
+        }
+    };
+
+    // Firewall 2/2. On failure the library drops the closure, so the manager: the filters
+    // are deleted and the engine closed. Undo: cancel the registration.
+    match watcher.subscribe_passive(io_object, firewall_subscriber::<S::Kernel, E>(manager)) {
+        Ok(id) => Ok(TeredoMonitor {
+            watcher,
+            firewall: Some(id),
+        }),
+        Err(error) => {
+            let failure = failed(EntryStep::SubscribeFirewall, &error);
+            roll_back(table, watcher, None);
+            published.clear();
+            Err(failure)
+        }
+    }
 }
 
 /// The body of `DriverEntry`: registers, subscribes the exception tracker (which publishes
-/// the exception set in `published` from its first event on) and stores the state in
-/// `slot`. Returns `STATUS_SUCCESS`, or the status of the step that failed after undoing
-/// the steps before it (nothing stays registered, nothing stays allocated, `published`
+/// the exception set in `published` from its first event on), with `firewall` installs the
+/// filters and subscribes their manager at `PASSIVE_LEVEL`, and stores the state in `slot`.
+/// Returns `STATUS_SUCCESS`, or the status of the step that failed after undoing the steps
+/// before it (nothing stays registered, in the filter engine or allocated, `published`
 /// reads "not loaded").
 ///
 /// The caller (the platform's `DriverEntry`) sets `DriverUnload` only on success.
@@ -302,18 +442,19 @@ fn load<'t, S: PortSource>(
 /// # IRQL
 ///
 /// `PASSIVE_LEVEL`, as the I/O manager calls `DriverEntry`.
-pub fn driver_entry<'t, S: PortSource>(
+pub fn driver_entry<'t, S: PortSource, E: FilterEngine>(
     table: &'t HandleTable<S>,
     slot: &DriverSlot<TeredoMonitor<'t, S>>,
     published: &'static AppliedExceptions,
     config: DriverConfig,
+    firewall: Option<Firewall<E>>,
 ) -> NtStatus {
     log!(
         "DriverEntry at ",
         irql::<S>(),
         ": registering for Teredo port changes (initial notification on)"
     );
-    let monitor = match load(table, published, config) {
+    let monitor = match load(table, published, config, firewall) {
         Ok(monitor) => monitor,
         Err((_, status)) => return status,
     };
@@ -329,7 +470,7 @@ pub fn driver_entry<'t, S: PortSource>(
                 NtStatus::INSUFFICIENT_RESOURCES,
                 ")"
             );
-            roll_back(table, monitor.watcher);
+            roll_back(table, monitor.watcher, monitor.firewall);
             published.clear();
             return NtStatus::INSUFFICIENT_RESOURCES;
         }
@@ -342,8 +483,8 @@ pub fn driver_entry<'t, S: PortSource>(
             NtStatus::OBJECT_NAME_COLLISION,
             ")"
         );
-        let TeredoMonitor { watcher } = *refused;
-        roll_back(table, watcher);
+        let TeredoMonitor { watcher, firewall } = *refused;
+        roll_back(table, watcher, firewall);
         // `published` is not cleared: it belongs to the state already in the slot, whose
         // tracker follows the same port and publishes every later change.
         return NtStatus::OBJECT_NAME_COLLISION;
@@ -360,6 +501,9 @@ pub struct UnloadReport {
     pub had_state: bool,
     /// Notifications the registration delivered over its life.
     pub notifications: u64,
+    /// Unsubscribing the firewall's `PASSIVE_LEVEL` subscriber (which drops its manager:
+    /// filters deleted, engine closed): `None` without a firewall or a state.
+    pub firewall: Option<Result<(), Error>>,
     /// The watcher's cancel: `None` without a state.
     pub unregister: Option<Result<(), Error>>,
     /// The handle table's teardown.
@@ -380,8 +524,8 @@ impl UnloadReport {
     }
 }
 
-/// The teardown's outcome for the log, without `Debug`: `had state H, notifications N,
-/// unregister ok|failed: ERR|none, teardown cancelled C, failed F, skipped in a callback K
+/// The teardown's outcome for the log, without `Debug`: `had state H, notifications N[,
+/// filter manager stopped|unsubscribe failed: ERR], unregister ok|failed: ERR|none, teardown cancelled C, failed F, skipped in a callback K
 /// [, first error: ERR]` or `teardown refused: ERR`.
 impl LogText for UnloadReport {
     fn write_to(&self, line: &mut Line) {
@@ -391,6 +535,16 @@ impl LogText for UnloadReport {
             "no state, notifications "
         })
         .push_decimal(self.notifications);
+        match &self.firewall {
+            Some(Ok(())) => {
+                line.push_str(", filter manager stopped");
+            }
+            Some(Err(error)) => {
+                line.push_str(", filter manager unsubscribe failed: ");
+                error.write_to(line);
+            }
+            None => {}
+        }
         match &self.unregister {
             Some(Ok(())) => {
                 line.push_str(", unregister ok");
@@ -438,9 +592,27 @@ pub fn driver_unload<'t, S: PortSource>(
     slot: &DriverSlot<TeredoMonitor<'t, S>>,
     published: &AppliedExceptions,
 ) -> UnloadReport {
-    let (had_state, notifications, unregister) = if let Some(monitor) = slot.take() {
-        let TeredoMonitor { watcher } = *monitor;
+    let (had_state, notifications, firewall, unregister) = if let Some(monitor) = slot.take() {
+        let TeredoMonitor { watcher, firewall } = *monitor;
         let notifications = watcher.stats().notifications;
+        let firewall = firewall.map(|id| {
+            log!(
+                "DriverUnload at ",
+                irql::<S>(),
+                ": stopping the filter manager's work item (waits for a running one); \
+                 it deletes the filters and closes the engine"
+            );
+            let result = watcher.unsubscribe(id);
+            match &result {
+                Ok(()) => log!("DriverUnload: filter manager stopped; no work item left"),
+                Err(error) => log!(
+                    "DriverUnload: unsubscribing the filter manager failed: ",
+                    error,
+                    "; the cancel below stops it"
+                ),
+            }
+            result
+        });
         log!(
             "DriverUnload at ",
             irql::<S>(),
@@ -461,10 +633,10 @@ pub fn driver_unload<'t, S: PortSource>(
                 );
             }
         }
-        (true, notifications, Some(result))
+        (true, notifications, firewall, Some(result))
     } else {
         log!("DriverUnload at ", irql::<S>(), ": no driver state");
-        (false, 0, None)
+        (false, 0, None, None)
     };
     let teardown = table.teardown();
     match &teardown {
@@ -491,6 +663,7 @@ pub fn driver_unload<'t, S: PortSource>(
     UnloadReport {
         had_state,
         notifications,
+        firewall,
         unregister,
         teardown,
         keep_image_loaded,

@@ -42,6 +42,7 @@ pub mod log;
 
 pub mod driver;
 pub mod exceptions;
+pub mod firewall;
 pub mod platform;
 pub mod slot;
 pub mod status;
@@ -51,3 +52,6 @@ pub mod host;
 
 #[cfg(all(test, feature = "host-mock"))]
 mod tests;
+
+#[cfg(all(test, feature = "host-mock"))]
+mod firewall_tests;

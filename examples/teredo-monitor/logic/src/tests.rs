@@ -14,6 +14,7 @@ use std::vec::Vec;
 
 use crate::driver::{self, DriverConfig, TeredoMonitor, UnloadReport};
 use crate::exceptions::AppliedExceptions;
+use crate::firewall::NoFilterEngine;
 use crate::host;
 use crate::slot::DriverSlot;
 use crate::status::NtStatus;
@@ -53,7 +54,13 @@ impl Fixture {
 
     /// The body of `DriverEntry` on this fixture's f.table.
     fn entry<'t>(&'t self, slot: &Slot<'t>, config: DriverConfig) -> NtStatus {
-        driver::driver_entry(&self.table, slot, self.published, config)
+        driver::driver_entry(
+            &self.table,
+            slot,
+            self.published,
+            config,
+            None::<driver::Firewall<NoFilterEngine>>,
+        )
     }
 
     /// The body of `DriverUnload` on this fixture's f.table.
