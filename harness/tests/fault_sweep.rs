@@ -397,6 +397,13 @@ fn run_cell(
                 netio.calls
             )
         })?;
+        let engine_calls = kernel::fwp_stats().calls;
+        ensure(engine_calls.iter().all(|n| *n == 0), || {
+            format!(
+                "the filter engine reached at {}: {engine_calls:?}",
+                irql_name(column.entry)
+            )
+        })?;
         ensure(machine.driver_unload_routine().is_none(), || {
             "DriverUnload set on failure".into()
         })?;
@@ -434,6 +441,7 @@ fn run_cell(
         ensure(netio.handles.is_empty() && netio.live.is_empty(), || {
             format!("registered: {netio:?}")
         })?;
+        ensure_engine_closed()?;
         ensure(machine.driver_unload_routine().is_none(), || {
             "DriverUnload set on failure".into()
         })?;
@@ -597,11 +605,11 @@ fn run_cell(
         let before: BTreeSet<PoolBlock> = before_unload.iter().copied().collect();
         let after: BTreeSet<PoolBlock> = residue.iter().copied().collect();
         ensure(
-            after.is_subset(&before) && before.len() == after.len() + 1,
+            after.is_subset(&before) && after.len() < before.len(),
             || {
                 format!(
-                    "residue must be the blocks before unload minus the driver state box:\n\
-                 before {before_unload:x?}\nafter {residue:x?}"
+                    "residue must be blocks live before unload, less what the unload freed (the \
+                 driver state box, the firewall's):\nbefore {before_unload:x?}\nafter {residue:x?}"
                 )
             },
         )?;
@@ -610,9 +618,10 @@ fn run_cell(
             context.len() == 1 && residue.iter().any(|b| b.address == context[0].1),
             || format!("netio's context {context:x?} was freed: {residue:x?}"),
         )?;
-        ensure(pool.live_blocks == residue.len() && pool.frees == 1, || {
+        ensure(pool.live_blocks == residue.len(), || {
             format!("pool {pool:?}")
         })?;
+        ensure_engine_closed()?;
         // The unload policy: the driver keeps its image loaded with a reference on its
         // driver object, so a late notification runs mapped code; the library silenced the
         // subscribers, so the driver prints nothing.
@@ -752,14 +761,25 @@ fn entry_residue(entry_allocations: u64) -> Result<kernel::PoolStats, String> {
         || format!("netio's context {live:x?} is not a live pool block: {residue:x?}"),
     )?;
     ensure(
-        pool.frees == 0
-            && pool.refused == 1
+        pool.refused == 1
             && pool.allocations == entry_allocations - 1
-            && u64::try_from(residue.len()) == Ok(pool.allocations)
+            && u64::try_from(residue.len()) == Ok(pool.allocations - pool.frees)
             && pool.live_blocks == residue.len(),
         || format!("residue {residue:x?}, pool {pool:?}"),
     )?;
+    ensure_engine_closed()?;
     Ok(pool)
+}
+
+/// The filter engine keeps nothing of the driver's: no session, no transaction, no object.
+fn ensure_engine_closed() -> Result<(), String> {
+    let engine = kernel::fwp_stats();
+    ensure(
+        engine.live_sessions.is_empty()
+            && engine.open_transactions == 0
+            && engine.committed == (0, 0, 0),
+        || format!("the filter engine keeps {engine:?}"),
+    )
 }
 
 /// After a clean unload (the image is retired): a notification on every handle the driver
@@ -780,10 +800,15 @@ fn late_notifications_dropped(machine: &Machine) -> Result<(), String> {
     })?;
     ensure(kernel::netio_stats().delivered == netio.delivered, || {
         "a callback ran after unload".into()
-    })
+    })?;
+    ensure_engine_closed()
 }
 
 #[test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "the sweep and its table, read top to bottom"
+)]
 fn fault_sweep_on_the_sys() {
     let started = Instant::now();
     let sys = sysbuild::sys_image().unwrap_or_else(|e| panic!("the .sys must build: {e}"));
@@ -838,6 +863,28 @@ fn fault_sweep_on_the_sys() {
             let _ = writeln!(table, "{}", line.trim_end());
         }
     }
+    // The filter-engine rows, when the image imports fwpkclnt.sys.
+    let imports_engine = teredo_harness::pe::facts(sys).is_ok_and(|f| {
+        f.modules()
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case("fwpkclnt.sys"))
+    });
+    let mut engine_cells = 0;
+    if imports_engine {
+        match engine_rows::sweep(sys) {
+            Ok((engine_table, n, engine_failures)) => {
+                table.push_str(&engine_table);
+                engine_cells = n;
+                cells += n;
+                failures.extend(engine_failures);
+            }
+            Err(why) => failures.push(format!("filter engine baseline: {why}")),
+        }
+    } else {
+        table.push_str(
+            "\nfilter engine rows skipped: the image imports nothing from fwpkclnt.sys\n",
+        );
+    }
     let swept = sweep_started.elapsed();
     println!("{table}");
     println!(
@@ -848,7 +895,8 @@ fn fault_sweep_on_the_sys() {
     );
     println!(
         "fault sweep on the .sys: {} of {cells} cells hold \
-         ({} rows x {} codes x {} IRQL columns; sweep {:.2} s, image build {:.2} s)",
+         (netio: {} rows x {} codes x {} IRQL columns; filter engine: {engine_cells} cells; \
+         sweep {:.2} s, image build {:.2} s)",
         cells - failures.len(),
         ROWS.len(),
         codes.len(),
@@ -856,7 +904,14 @@ fn fault_sweep_on_the_sys() {
         swept.as_secs_f64(),
         built.as_secs_f64()
     );
-    assert_eq!(cells, ROWS.len() * codes.len() * COLUMNS.len());
+    assert_eq!(
+        cells,
+        ROWS.len() * codes.len() * COLUMNS.len() + engine_cells
+    );
+    assert!(
+        !imports_engine || engine_cells >= 2,
+        "the filter-engine rows ran: {engine_cells} cells"
+    );
     assert_eq!(
         orders_run.len(),
         ORDERS.len(),
@@ -919,4 +974,284 @@ fn the_model_lists_live_pool_blocks_and_netio_contexts() {
     );
     free(block, tag);
     assert!(kernel::pool_blocks().is_empty());
+}
+
+/// The filter-engine rows: every call the driver makes to `fwpkclnt.sys` fails in turn with
+/// each of its documented statuses (`FwpCall::documented_failures`), at `DriverEntry` and at
+/// a port change, with callbacks at `PASSIVE_LEVEL` and at `DISPATCH_LEVEL`.
+mod engine_rows {
+    use std::fmt::Write as _;
+    use std::time::{Duration, Instant};
+
+    use teredo_harness::firewall;
+    use teredo_harness::kernel::{self, FwpCall};
+
+    use super::{boot, ensure, hex, logged, short_irql, stop};
+
+    /// How long the driver's work item may take to commit or give up.
+    const SETTLE: Duration = Duration::from_secs(5);
+
+    /// Where a failing call is reached.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Phase {
+        /// Inside `DriverEntry` (before it returns).
+        Entry,
+        /// In the driver's handling of a port change (its `PASSIVE_LEVEL` work item).
+        Change,
+    }
+
+    /// One row: the `index`-th call of its phase, the `nth` call of that routine within
+    /// the phase.
+    #[derive(Clone, Copy, Debug)]
+    pub struct EngineRow {
+        pub phase: Phase,
+        pub call: FwpCall,
+        pub nth: u64,
+    }
+
+    fn count(call: FwpCall) -> u64 {
+        kernel::fwp_stats().calls[call as usize]
+    }
+
+    /// Waits until `cond` holds, at most [`SETTLE`].
+    fn settle(cond: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        while !cond() {
+            if start.elapsed() > SETTLE || kernel::stopped().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
+    fn committed_port(reported: &[u16]) -> (bool, Option<u16>) {
+        let a = firewall::analyse(&kernel::committed().objects, reported);
+        (a.policy, a.committed)
+    }
+
+    /// Nothing of the engine left, no registration, no work item, pool balanced.
+    fn ensure_clean(what: &str) -> Result<(), String> {
+        let engine = kernel::fwp_stats();
+        ensure(
+            engine.live_sessions.is_empty()
+                && engine.open_transactions == 0
+                && engine.committed == (0, 0, 0),
+            || format!("{what}: the engine keeps {engine:?}"),
+        )?;
+        ensure(kernel::netio_stats().live.is_empty(), || {
+            format!("{what}: registrations left")
+        })?;
+        ensure(settle(|| kernel::work_items_outstanding() == 0), || {
+            format!("{what}: a work item is outstanding")
+        })?;
+        ensure(kernel::work_item_stats().live == 0, || {
+            format!("{what}: a work item is still allocated")
+        })?;
+        let pool = kernel::pool_stats();
+        ensure(pool.balanced(), || format!("{what}: pool {pool:?}"))
+    }
+
+    /// The baseline: the calls `DriverEntry` makes (the client running at load) and the
+    /// calls one port change makes, in order.
+    pub fn baseline(sys: &[u8]) -> Result<Vec<EngineRow>, String> {
+        let machine = boot(sys)?;
+        let p0 = stop(machine.on_cpu("client start", 0, kernel::client::start))?;
+        let status = stop(machine.driver_entry())?;
+        ensure(status == 0, || {
+            format!("baseline DriverEntry {}", hex(status))
+        })?;
+        let entry = kernel::fwp_trace();
+        ensure(settle(|| committed_port(&[p0]) == (true, Some(p0))), || {
+            format!("baseline: port {p0} never committed")
+        })?;
+        let before_change = kernel::fwp_trace().len();
+        let p1 = stop(machine.on_cpu("client restart", 0, kernel::client::start))?;
+        ensure(
+            settle(|| committed_port(&[p0, p1]) == (true, Some(p1))),
+            || format!("baseline: port {p1} never committed"),
+        )?;
+        ensure(settle(|| kernel::work_items_outstanding() == 0), || {
+            "baseline: work item outstanding".into()
+        })?;
+        let change = kernel::fwp_trace()[before_change..].to_vec();
+        ensure(stop(machine.driver_unload())?, || "no DriverUnload".into())?;
+        ensure_clean("baseline unload")?;
+        let rows = |phase, trace: &[(FwpCall, i32)]| {
+            let mut seen = std::collections::BTreeMap::<FwpCall, u64>::new();
+            trace
+                .iter()
+                .map(|(call, _)| {
+                    let n = seen.entry(*call).or_default();
+                    let row = EngineRow {
+                        phase,
+                        call: *call,
+                        nth: *n,
+                    };
+                    *n += 1;
+                    row
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut all = rows(Phase::Entry, &entry);
+        all.extend(rows(Phase::Change, &change));
+        ensure(
+            all.iter().any(|r| r.phase == Phase::Entry)
+                && all.iter().any(|r| r.phase == Phase::Change),
+            || format!("the driver calls the engine at DriverEntry and at a change: {all:?}"),
+        )?;
+        Ok(all)
+    }
+
+    /// `DriverEntry` with the row's call failing: it returns the failure and leaves nothing
+    /// (or, if it loaded anyway, the exception is in place and unload is clean).
+    fn entry_cell(sys: &[u8], row: EngineRow, code: i32, callback: u8) -> Result<String, String> {
+        let machine = boot(sys)?;
+        kernel::set_callback_irql(callback);
+        let p0 = stop(machine.on_cpu("client start", 0, kernel::client::start))?;
+        kernel::fail_call(row.call, row.nth, code);
+        let status = stop(machine.driver_entry())?;
+        ensure(kernel::fwp_trace().contains(&(row.call, code)), || {
+            format!("the injected {} was not reached", row.call.name())
+        })?;
+        if status != 0 {
+            ensure(status == code, || {
+                format!(
+                    "DriverEntry returned {}, not the failure {}",
+                    hex(status),
+                    hex(code)
+                )
+            })?;
+            ensure(machine.driver_unload_routine().is_none(), || {
+                "DriverUnload set on failure".into()
+            })?;
+            ensure(logged(&[&hex(code)]), || {
+                format!("the failure {} is not in the driver's log", hex(code))
+            })?;
+            ensure(!stop(machine.driver_unload())?, || "unloaded".into())?;
+            ensure_clean("failed DriverEntry")?;
+            return Ok(format!("fail {}", hex(status)));
+        }
+        // Loaded: the driver retried, so the exception must be in place.
+        ensure(settle(|| committed_port(&[p0]) == (true, Some(p0))), || {
+            format!(
+                "loaded after a failed {} without the exception for {p0}",
+                row.call.name()
+            )
+        })?;
+        ensure(stop(machine.driver_unload())?, || "no DriverUnload".into())?;
+        ensure_clean("unload")?;
+        Ok("ok, retried".into())
+    }
+
+    /// A port change with the row's call failing: the old exception stays committed, the
+    /// failure is logged, the next change commits the newest port, nothing leaks.
+    fn change_cell(sys: &[u8], row: EngineRow, code: i32, callback: u8) -> Result<String, String> {
+        let machine = boot(sys)?;
+        kernel::set_callback_irql(callback);
+        let t0 = Instant::now();
+        let p0 = stop(machine.on_cpu("client start", 0, kernel::client::start))?;
+        ensure(stop(machine.driver_entry())? == 0, || {
+            "DriverEntry failed".into()
+        })?;
+        ensure(settle(|| committed_port(&[p0]) == (true, Some(p0))), || {
+            format!("port {p0} never committed")
+        })?;
+        ensure(settle(|| kernel::work_items_outstanding() == 0), || {
+            "work item outstanding before the change".into()
+        })?;
+        let from = Instant::now();
+        kernel::fail_call(row.call, count(row.call) + row.nth, code);
+        let t1 = Instant::now();
+        let p1 = stop(machine.on_cpu("client restart", 0, kernel::client::start))?;
+        ensure(
+            settle(|| kernel::fwp_trace().contains(&(row.call, code))),
+            || format!("the injected {} was not reached", row.call.name()),
+        )?;
+        ensure(
+            settle(|| {
+                kernel::work_items_outstanding() == 0 && kernel::fwp_stats().open_transactions == 0
+            }),
+            || "the failed change left a work item or a transaction".into(),
+        )?;
+        let (policy, after) = committed_port(&[p0, p1]);
+        ensure(policy && (after == Some(p0) || after == Some(p1)), || {
+            format!("after the failed change the committed port is {after:?} (policy {policy})")
+        })?;
+        ensure(logged(&[&hex(code)]), || {
+            format!("the failure {} is not in the driver's log", hex(code))
+        })?;
+        let t2 = Instant::now();
+        let p2 = stop(machine.on_cpu("client restart", 0, kernel::client::start))?;
+        ensure(
+            settle(|| committed_port(&[p0, p1, p2]) == (true, Some(p2))),
+            || format!("the next change never committed {p2}"),
+        )?;
+        let checks = firewall::commit_checks(
+            &kernel::commit_history(),
+            &[(t0, p0), (t1, p1), (t2, p2)],
+            from,
+            Instant::now(),
+        );
+        ensure(
+            checks.gaps.is_empty() && checks.doubles.is_empty() && checks.unreported.is_empty(),
+            || format!("commits: {checks:?}"),
+        )?;
+        ensure(stop(machine.driver_unload())?, || "no DriverUnload".into())?;
+        ensure_clean("unload")?;
+        Ok(if after == Some(p0) {
+            "kept old, next ok".to_owned()
+        } else {
+            "retried at once".to_owned()
+        })
+    }
+
+    /// Runs every row x status x callback IRQL; returns the table, the cells run and the
+    /// failures.
+    pub fn sweep(sys: &[u8]) -> Result<(String, usize, Vec<String>), String> {
+        let rows = baseline(sys)?;
+        let mut table = String::new();
+        let mut cells = 0;
+        let mut failures = Vec::new();
+        let columns = [kernel::PASSIVE_LEVEL, kernel::DISPATCH_LEVEL];
+        let _ = writeln!(
+            table,
+            "\nfilter engine (fwpkclnt.sys): each call the driver makes fails in turn; columns: \
+             callbacks at {}",
+            columns.map(short_irql).join(" / ")
+        );
+        for (index, row) in rows.iter().enumerate() {
+            let phase = match row.phase {
+                Phase::Entry => "DriverEntry",
+                Phase::Change => "port change",
+            };
+            let _ = writeln!(
+                table,
+                "  #{index:<2} {phase:<11} {} (its call {} there)",
+                row.call.name(),
+                row.nth + 1
+            );
+            for (name, code) in row.call.documented_failures() {
+                let mut line = format!("      {:<44}", format!("{name} {}", hex(code)));
+                for callback in columns {
+                    cells += 1;
+                    let outcome = match row.phase {
+                        Phase::Entry => entry_cell(sys, *row, code, callback),
+                        Phase::Change => change_cell(sys, *row, code, callback),
+                    };
+                    let text = outcome.unwrap_or_else(|why| {
+                        failures.push(format!(
+                            "{phase} #{index} {} x {name} x callbacks {}: {why}",
+                            row.call.name(),
+                            short_irql(callback)
+                        ));
+                        "FAIL".to_owned()
+                    });
+                    let _ = write!(line, "{text:<22}");
+                }
+                let _ = writeln!(table, "{}", line.trim_end());
+            }
+        }
+        Ok((table, cells, failures))
+    }
 }
