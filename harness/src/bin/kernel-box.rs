@@ -575,6 +575,44 @@ mod host {
                 engine.open_transactions
             ),
         );
+        checks.check(
+            engine.dynamic_sessions == engine.live_sessions,
+            "the session is dynamic (FWPM_SESSION_FLAG_DYNAMIC: its objects go with its handle)",
+        );
+        let objects = &snapshot.objects;
+        let universal = kernel::fwp::guid_u128(
+            &windows_sys::Win32::NetworkManagement::WindowsFilteringPlatform::FWPM_SUBLAYER_UNIVERSAL,
+        );
+        let design = objects.filters.values().all(|f| {
+            let weight = match f.action {
+                kernel::Action::Permit => kernel::Weight::Uint8(10),
+                kernel::Action::Block => kernel::Weight::Uint8(1),
+            };
+            f.sublayer != universal
+                && objects.sublayers.contains_key(&f.sublayer)
+                && f.provider.is_some()
+                && f.weight == weight
+        }) && objects.sublayers.len() == 1
+            && objects.providers.len() == 1;
+        checks.check(
+            design,
+            format!(
+                "the filter design: one provider, one sublayer of it holding every filter, \
+                 permits at weight 10 and blocks at weight 1 (FWP_UINT8); {} filters: {} \
+                 permits, {} blocks",
+                objects.filters.len(),
+                objects
+                    .filters
+                    .values()
+                    .filter(|f| f.action == kernel::Action::Permit)
+                    .count(),
+                objects
+                    .filters
+                    .values()
+                    .filter(|f| f.action == kernel::Action::Block)
+                    .count()
+            ),
+        );
         let (providers, sublayers, filters) = engine.committed;
         checks.check(
             providers >= 1 && sublayers >= 1 && filters >= 1 && analysis.policy,

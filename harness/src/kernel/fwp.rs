@@ -552,6 +552,8 @@ pub struct FwpStats {
     pub sessions_opened: u64,
     /// Engine handles still open.
     pub live_sessions: Vec<usize>,
+    /// Of those, the ones opened with `FWPM_SESSION_FLAG_DYNAMIC`.
+    pub dynamic_sessions: Vec<usize>,
     /// Sessions with an explicit transaction open now.
     pub open_transactions: usize,
     /// Explicit commits that published.
@@ -651,6 +653,12 @@ pub fn fwp_stats() -> FwpStats {
     let o = &engine.committed.objects;
     FwpStats {
         live_sessions: engine.sessions.keys().copied().collect(),
+        dynamic_sessions: engine
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.dynamic)
+            .map(|(h, _)| *h)
+            .collect(),
         open_transactions: engine.sessions.values().filter(|s| s.txn.is_some()).count(),
         committed: (o.providers.len(), o.sublayers.len(), o.filters.len()),
         ..engine.stats.clone()
