@@ -30,6 +30,7 @@ total() { # case iterations -> instructions of the whole process
 declare -A per_op
 cases=(
     current_port/atomic_load current_port/watcher current_port/spin_lock_read
+    current_port/atomic_load_static current_port/static_watcher
     fanout/watcher/1 fanout/spin_lock_boxed_closures/1
     fanout/watcher/8 fanout/spin_lock_boxed_closures/8
     fanout/watcher/64 fanout/spin_lock_boxed_closures/64
@@ -50,6 +51,7 @@ echo
 echo "== teredo-watcher: ratios of instruction counts (callgrind) =="
 ratio current_port/atomic_load current_port/watcher current_port/atomic_load "<=1.2"
 ratio current_port/spin_lock_read current_port/watcher current_port/spin_lock_read none
+ratio current_port_static/atomic_load_static current_port/static_watcher current_port/atomic_load_static "<=1.05"
 for n in 1 8 64; do
     ratio "fanout_$n/spin_lock_boxed_closures" "fanout/watcher/$n" "fanout/spin_lock_boxed_closures/$n" "<=1.5"
 done

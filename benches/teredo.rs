@@ -5,8 +5,10 @@
 //! |---|---|---|
 //! | `current_port` | `TeredoPortWatcher::current_port()` | a bare `AtomicU64` load (the floor), a read under a spin lock (the naive driver) |
 //! | `current_port_with_writer` | the same while another thread updates the port without pause | the same, each with its own writer |
+//! | `current_port` (static) | `StaticTeredoWatcher::current_port()` on a real `static` | a bare load of a `static AtomicU64` |
 //! | `fanout` | one notification delivered to N = 1, 8, 64 subscribers | a spin lock held around N boxed closures |
 //! | `subscribe_unsubscribe` | subscribe + unsubscribe with 1,000 subscribers present | the same with 10 present |
+//! | passive delivery (no criterion) | notification to the `PASSIVE_LEVEL` subscriber's call, on the mock's work items; calls for a burst of 1,000 changes | a bare work item queued and run on the same mock |
 //!
 //! Notifications are driven without the mock's threads: [`DirectSource`] gives back the
 //! `extern "system"` trampoline the watcher registered, and the benchmark calls it on its
@@ -28,7 +30,8 @@ use criterion::{BenchmarkId, Criterion};
 use teredo_watcher::mock::MockKernel;
 use teredo_watcher::sys::{MIB_PARAMETER_NOTIFICATION, TeredoPortChangeCallback};
 use teredo_watcher::{
-    HandleTable, Kernel, TeredoEvent, TeredoPort, TeredoPortWatcher, WatcherOptions,
+    HandleTable, Kernel, StaticTeredoWatcher, TeredoEvent, TeredoPort, TeredoPortWatcher,
+    WatcherOptions,
 };
 
 #[path = "support/direct_source.rs"]
@@ -42,6 +45,14 @@ use direct_source::DirectSource;
 
 /// The port `GetTeredoPort` reports when a watcher seeds itself.
 const SEED_PORT: u16 = 49_152;
+
+/// The static form's reader, as a driver declares it: a real `static`, built by the
+/// `const fn`, started in `bench_current_port`.
+static STATIC_WATCHER: StaticTeredoWatcher<DirectSource, 1> =
+    StaticTeredoWatcher::new(DirectSource::new(SEED_PORT));
+
+/// The floor for [`STATIC_WATCHER`]: a bare atomic at a static address.
+static STATIC_ATOMIC: AtomicU64 = AtomicU64::new(SEED_PORT as u64);
 
 // ---------------------------------------------------------------------------------------
 // The naive driver: data behind the same spin lock the library uses for membership.
@@ -206,6 +217,20 @@ fn bench_current_port(c: &mut Criterion) {
     group.bench_function("spin_lock_read", |b| {
         b.iter_custom(|iters| fastest_batch(iters, || black_box(&locked).with(|port| *port)));
     });
+    let _ = STATIC_WATCHER.start().expect("start the static watcher");
+    assert_eq!(
+        STATIC_WATCHER.current_port().map(TeredoPort::get),
+        Some(SEED_PORT)
+    );
+    group.bench_function("atomic_load_static", |b| {
+        b.iter_custom(|iters| {
+            fastest_batch(iters, || black_box(&STATIC_ATOMIC).load(Ordering::Acquire))
+        });
+    });
+    group.bench_function("static_watcher", |b| {
+        b.iter_custom(|iters| fastest_batch(iters, || black_box(&STATIC_WATCHER).current_port()));
+    });
+    STATIC_WATCHER.stop().expect("stop the static watcher");
     group.finish();
 
     // Each reader gets a writer thread that updates its port without pause, by its own
@@ -454,6 +479,12 @@ fn summary(dir: &Path, since: SystemTime) {
             Goal::AtMost(1.2),
         ),
         (
+            "current_port_static/atomic_load_static".into(),
+            "current_port/static_watcher",
+            "current_port/atomic_load_static",
+            Goal::AtMost(1.05),
+        ),
+        (
             "current_port/atomic_load_via_pointer".into(),
             "current_port/watcher",
             "current_port/atomic_load_via_pointer",
@@ -517,7 +548,14 @@ fn summary(dir: &Path, since: SystemTime) {
     let (line, fresh) = marginal_line(dir, since);
     lines.push(line);
     measured += usize::from(fresh);
-    // Test mode (`cargo test --benches`) and `--list` write no estimates: stay quiet then.
+    // `cargo bench` passes `--bench`; test mode (`cargo test --benches`) does not.
+    let args: Vec<String> = std::env::args().collect();
+    let benchmarking = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list");
+    if benchmarking && passive_selected() {
+        lines.extend(passive::ratio_lines());
+        measured += 1;
+    }
+    // Test mode and `--list` write no estimates: stay quiet then.
     if measured == 0 {
         return;
     }
@@ -527,6 +565,235 @@ fn summary(dir: &Path, since: SystemTime) {
     );
     for line in lines {
         println!("{line}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PASSIVE_LEVEL delivery, on the mock's work items (no criterion: each sample is a round
+// trip between threads, timed one by one).
+// ---------------------------------------------------------------------------------------
+
+/// Whether this run measures the passive delivery: always without a filter, else when the
+/// filter names it (`.ci/bench-quick passive`).
+fn passive_selected() -> bool {
+    // Criterion's options that take a value (the value is not a filter).
+    const WITH_VALUE: [&str; 14] = [
+        "--warm-up-time",
+        "--measurement-time",
+        "--sample-size",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--save-baseline",
+        "--baseline",
+        "--load-baseline",
+        "--profile-time",
+        "--plotting-backend",
+        "--output-format",
+        "--color",
+    ];
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filters: Vec<&String> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| {
+            !a.starts_with('-') && (*i == 0 || !WITH_VALUE.contains(&args[i - 1].as_str()))
+        })
+        .map(|(_, a)| a)
+        .collect();
+    filters.is_empty() || filters.iter().any(|f| "passive".contains(f.as_str()))
+}
+
+mod passive {
+    use std::ffi::c_void;
+    use std::hint::black_box;
+    use std::ptr::NonNull;
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::{Duration, Instant};
+
+    use teredo_watcher::mock::MockKernel;
+    use teredo_watcher::sys::MIB_PARAMETER_NOTIFICATION;
+    use teredo_watcher::{HandleTable, IoObject, Kernel, TeredoPortWatcher};
+
+    use super::{DirectSource, SEED_PORT, options};
+
+    /// Round trips timed per side; the median is reported.
+    const SAMPLES: usize = 300;
+    /// Changes in the burst.
+    const BURST: u16 = 1_000;
+    /// How long the burst's subscriber works per call: a stand-in for a filter-engine
+    /// transaction, which the burst must outlast for coalescing to show (see PERFORMANCE.md).
+    const CALL_COST: Duration = Duration::from_millis(1);
+    /// Any wait for the worker thread longer than this is a failure of the run.
+    const TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// The driver object the work items are made on (never dereferenced by the mock).
+    static DRIVER_OBJECT: u8 = 0;
+
+    fn driver() -> IoObject {
+        // SAFETY: the mock never dereferences the object, and a static outlives every item.
+        unsafe { IoObject::from_raw((&raw const DRIVER_OBJECT).cast_mut().cast()) }
+            .expect("a static is not null")
+    }
+
+    fn spin_until(what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+            // Yield, not spin: on a machine with few cores a spinning waiter delays the
+            // worker thread it waits for by a whole time slice.
+            std::thread::yield_now();
+        }
+    }
+
+    fn median(mut samples: Vec<Duration>) -> Duration {
+        samples.sort();
+        samples[samples.len() / 2]
+    }
+
+    /// Notification (the trampoline called on this thread) to the passive subscriber's call.
+    fn library_round_trip() -> Duration {
+        let table = HandleTable::new(DirectSource::new(SEED_PORT));
+        let watcher = TeredoPortWatcher::new(&table, options(1)).expect("register");
+        let seen = Arc::new(AtomicU32::new(0));
+        let store = Arc::clone(&seen);
+        watcher
+            .subscribe_passive(driver(), move |port| {
+                store.store(port.map_or(0, |p| u32::from(p.get())), Ordering::Release);
+            })
+            .expect("subscribe_passive");
+        spin_until("the first call", || {
+            seen.load(Ordering::Acquire) == u32::from(SEED_PORT)
+        });
+        let registered = table.source().registered();
+        let mut samples = Vec::with_capacity(SAMPLES);
+        for i in 0..SAMPLES {
+            let port = 50_000 + u16::try_from(i % 10_000).expect("small");
+            let start = Instant::now();
+            // SAFETY: the watcher is alive and only this thread calls its callback.
+            unsafe { registered.fire(port, MIB_PARAMETER_NOTIFICATION) };
+            spin_until("the passive call", || {
+                seen.load(Ordering::Acquire) == u32::from(port)
+            });
+            samples.push(start.elapsed());
+        }
+        drop(watcher);
+        median(samples)
+    }
+
+    /// A bare work item on the same mock: queue, run, observe.
+    fn work_item_round_trip() -> Duration {
+        struct Item {
+            storage: Vec<u128>,
+            ran: AtomicUsize,
+        }
+        unsafe extern "system" fn routine(_: *mut c_void, context: *mut c_void, _: *mut c_void) {
+            // SAFETY: the context is the `Item` below, alive until its last run was seen.
+            let item = unsafe { &*context.cast::<Item>() };
+            item.ran.fetch_add(1, Ordering::Release);
+        }
+        let size = MockKernel::work_item_size();
+        let mut item = Item {
+            storage: vec![0; size.div_ceil(16)],
+            ran: AtomicUsize::new(0),
+        };
+        let storage = NonNull::new(item.storage.as_mut_ptr().cast::<u8>()).expect("a vec");
+        let io = driver().as_raw();
+        // SAFETY: the storage is 16-byte aligned (`u128`), large enough, stays in place (the
+        // vec is not touched again until uninit) and is not initialized yet; the object is a
+        // static.
+        unsafe { MockKernel::work_item_init(io, storage) };
+        let context = (&raw const item).cast_mut().cast::<c_void>();
+        let mut samples = Vec::with_capacity(SAMPLES);
+        for i in 0..SAMPLES {
+            let start = Instant::now();
+            // SAFETY: initialized above; not queued (the previous run was seen to start and
+            // finish below); `routine` is sound on any thread while `item` lives.
+            unsafe { MockKernel::work_item_queue(storage, routine, context) };
+            spin_until("the work item", || {
+                item.ran.load(Ordering::Acquire) == i + 1
+            });
+            samples.push(start.elapsed());
+        }
+        // SAFETY: initialized above and not queued: every queueing's routine was seen to run
+        // (an item is dequeued before its routine starts).
+        unsafe { MockKernel::work_item_uninit(storage) };
+        black_box(&mut item);
+        median(samples)
+    }
+
+    /// A burst of [`BURST`] changes to a subscriber whose calls take `cost`: the calls it
+    /// gets (ports, in order).
+    fn burst_calls(cost: Duration) -> Vec<u16> {
+        let table = HandleTable::new(DirectSource::new(SEED_PORT));
+        let watcher = TeredoPortWatcher::new(&table, options(1)).expect("register");
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&calls);
+        watcher
+            .subscribe_passive(driver(), move |port| {
+                record
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(port.map_or(0, teredo_watcher::TeredoPort::get));
+                let start = Instant::now();
+                while start.elapsed() < cost {
+                    std::hint::spin_loop();
+                }
+            })
+            .expect("subscribe_passive");
+        let lock = |c: &Mutex<Vec<u16>>| c.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        spin_until("the first call", || lock(&calls).last() == Some(&SEED_PORT));
+        let registered = table.source().registered();
+        calls.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        let newest = 50_000 + BURST - 1;
+        for port in 50_000..=newest {
+            // SAFETY: the watcher is alive and only this thread calls its callback.
+            unsafe { registered.fire(port, MIB_PARAMETER_NOTIFICATION) };
+        }
+        spin_until("the newest port", || lock(&calls).last() == Some(&newest));
+        // Quiet again: no call is still to come (drop waits for a call in flight).
+        drop(watcher);
+        lock(&calls)
+    }
+
+    /// The ratio lines of the passive delivery.
+    pub(super) fn ratio_lines() -> Vec<String> {
+        let ours = library_round_trip();
+        let base = work_item_round_trip();
+        let mut lines = vec![format!(
+            "ratio passive_delivery/bare_work_item {:.3} goal none info ({:.2} us / {:.2} us, \
+             median of {SAMPLES} round trips each)",
+            ours.as_secs_f64() / base.as_secs_f64(),
+            ours.as_secs_f64() * 1e6,
+            base.as_secs_f64() * 1e6,
+        )];
+        for (name, cost, goal) in [
+            ("passive_burst_1000_calls", CALL_COST, Some(2)),
+            (
+                "passive_burst_1000_calls_instant_subscriber",
+                Duration::ZERO,
+                None,
+            ),
+        ] {
+            let calls = burst_calls(cost);
+            let newest_last = calls.last() == Some(&(50_000 + BURST - 1));
+            let in_order = calls.windows(2).all(|w| w[0] < w[1]);
+            let verdict = match goal {
+                Some(max) if calls.len() <= max && newest_last && in_order => "met",
+                Some(_) => "MISSED",
+                None => "info",
+            };
+            lines.push(format!(
+                "ratio {name} {} goal {} {verdict} (calls for {BURST} changes with a {} us \
+                 subscriber; newest last: {newest_last}; in order: {in_order})",
+                calls.len(),
+                goal.map_or_else(|| "none".to_owned(), |max| format!("<={max}")),
+                cost.as_micros(),
+            ));
+        }
+        lines
     }
 }
 
@@ -596,6 +863,18 @@ fn run_instruction_case(case: &str, iterations: u64) -> bool {
             for _ in 0..iterations {
                 black_box(black_box(&watcher).current_port());
             }
+        }
+        "current_port/atomic_load_static" => {
+            for _ in 0..iterations {
+                black_box(black_box(&STATIC_ATOMIC).load(Ordering::Acquire));
+            }
+        }
+        "current_port/static_watcher" => {
+            let _ = STATIC_WATCHER.start().expect("start");
+            for _ in 0..iterations {
+                black_box(black_box(&STATIC_WATCHER).current_port());
+            }
+            STATIC_WATCHER.stop().expect("stop");
         }
         "current_port/spin_lock_read" => {
             let locked = NaiveLocked::new(TeredoPort::new(SEED_PORT));

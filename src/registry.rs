@@ -29,16 +29,18 @@
 //! allocation or wait happens under it. A pass takes it only to wake a waiter.
 //!
 //! Each slot has a state: `FREE`, `INIT` (the subscribing thread owns it and may be calling
-//! it with a snapshot), `MISSED` (a pass found it in `INIT`), `LIVE`, `REMOVED`.
+//! it with a snapshot), `MISSED` (a pass found it in `INIT`), `FIRST` (subscribed, not called
+//! by a round yet), `LIVE`, `REMOVED`.
 //! - **Subscribe** publishes the slot in `INIT`, reads `state` (generation `g`, port `p`),
 //!   records `start_gen = g`, optionally calls the subscriber with `Snapshot(p)`, then moves
-//!   `INIT -> LIVE` with a CAS. A pass that reached the slot meanwhile moved it to `MISSED`
+//!   `INIT -> FIRST` with a CAS. A pass that reached the slot meanwhile moved it to `MISSED`
 //!   instead, so the CAS fails and the subscriber repeats with the newer state. A round
-//!   calls a `LIVE` slot unless its generation is the slot's `start_gen` (the round the
-//!   subscriber already saw); after its first call the slot delivers every round
-//!   (`start_gen = DELIVER_ALL`), so a generation that wraps never silences it. A
-//!   subscriber sees each round after its subscription exactly once, in order, never an
-//!   older port after a newer one, and never two calls at once.
+//!   calls a `FIRST` slot unless its generation is the slot's `start_gen` (the round the
+//!   subscriber already saw), moving it `FIRST -> LIVE` with a CAS first; a `LIVE` slot it
+//!   calls without looking at generations (so a generation that wraps never silences it,
+//!   and the common case costs one compare). A subscriber sees each round after its
+//!   subscription exactly once, in order, never an older port after a newer one, and never
+//!   two calls at once.
 //! - **Unsubscribe** stores `REMOVED` (`SeqCst`), then reads `state` (`SeqCst`). A pass stores
 //!   `ACTIVE` (`SeqCst` CAS) before it loads a slot's state (`SeqCst`). In the single total
 //!   order of those operations either the pass sees `REMOVED` and skips the slot, or the
@@ -85,6 +87,7 @@ const INIT: u8 = 1;
 const MISSED: u8 = 2;
 const LIVE: u8 = 3;
 const REMOVED: u8 = 4;
+const FIRST: u8 = 5;
 
 const PORT_MASK: u64 = 0xFFFF;
 const ACTIVE: u64 = 1 << 16;
@@ -96,9 +99,6 @@ const FLAGS: u64 = ACTIVE | PENDING | SEEDING | WAITERS | LOCAL;
 const GEN_SHIFT: u32 = 21;
 const GEN_ONE: u64 = 1 << GEN_SHIFT;
 const NONE: u32 = u32::MAX;
-/// `start_gen` of a slot that has had its first call: every later round is for it.
-/// Generations have 43 bits, so no round has this number.
-const DELIVER_ALL: u64 = u64::MAX;
 
 #[inline]
 const fn port_of(state: u64) -> Option<TeredoPort> {
@@ -182,7 +182,8 @@ pub struct SubscriberId {
 /// `drop_fn` are the monomorphized functions for that `F`.
 struct Subscriber {
     block: core::mem::ManuallyDrop<OverAligned>,
-    call: unsafe fn(NonNull<u8>, TeredoEvent),
+    /// Takes the event by reference: a round passes every subscriber the one copy it holds.
+    call: unsafe fn(NonNull<u8>, &TeredoEvent),
     drop_fn: unsafe fn(NonNull<u8>),
 }
 
@@ -192,11 +193,11 @@ unsafe impl Send for Subscriber {}
 
 impl Subscriber {
     fn new<F: FnMut(TeredoEvent) + Send + 'static>(f: F) -> Result<Subscriber, Error> {
-        unsafe fn call<F: FnMut(TeredoEvent)>(data: NonNull<u8>, event: TeredoEvent) {
+        unsafe fn call<F: FnMut(TeredoEvent)>(data: NonNull<u8>, event: &TeredoEvent) {
             // SAFETY: the caller passes the value pointer of a `Subscriber` built for this `F`
             // and has exclusive access to it (`Subscriber::call` takes `&mut self`).
             let f = unsafe { data.cast::<F>().as_mut() };
-            f(event);
+            f(*event);
         }
         unsafe fn drop_fn<F>(data: NonNull<u8>) {
             // SAFETY: called once, from `Subscriber::drop`, with the value pointer of a
@@ -217,7 +218,7 @@ impl Subscriber {
     }
 
     #[inline]
-    fn call(&mut self, event: TeredoEvent) {
+    fn call(&mut self, event: &TeredoEvent) {
         // SAFETY: by the type invariant the block holds a live `F` matching `call`;
         // `&mut self` gives exclusive access.
         unsafe { (self.call)(self.block.value(), event) }
@@ -236,11 +237,12 @@ impl Drop for Subscriber {
 
 /// # Invariants
 ///
-/// `callback` is `Some` in states `INIT`, `MISSED`, `LIVE` and `REMOVED` (until reclaimed),
-/// and `None` in `FREE`. Only the subscribing thread touches it in `INIT`/`MISSED`, only a
-/// pass touches it in `LIVE`, and only the reclaiming thread in `REMOVED` once no pass can
-/// still be calling it. A slot whose `tag` reached `u64::MAX` is retired: it never goes back
-/// to the free list, so no tag is ever issued twice.
+/// `callback` is `Some` in states `INIT`, `MISSED`, `FIRST`, `LIVE` and `REMOVED` (until
+/// reclaimed), and `None` in `FREE`. Only the subscribing thread touches it in
+/// `INIT`/`MISSED`, only a pass touches it in `FIRST`/`LIVE`, and only the reclaiming thread
+/// in `REMOVED` once no pass can still be calling it. `start_gen` is read only in `FIRST`.
+/// A slot whose `tag` reached `u64::MAX` is retired: it never goes back to the free list, so
+/// no tag is ever issued twice.
 pub(crate) struct Slot {
     state: AtomicU8,
     tag: AtomicU64,
@@ -368,6 +370,10 @@ struct Books<P> {
     passive: P,
     /// Set by the teardown (and the registry's drop): no passive subscriber is added.
     passive_closed: bool,
+    /// A passive subscriber was ever listed (until `clear_subscribers` empties the list):
+    /// while false, unsubscribe skips the scan of `passive`, which is as long as the
+    /// capacity.
+    passive_used: bool,
 }
 
 /// Counters a driver can log.
@@ -385,17 +391,36 @@ pub struct RegistryStats {
     pub capacity: usize,
 }
 
-/// A pass found `slot` in `state`, not LIVE: if the subscribing thread owns it (INIT), tells
-/// it that it missed this pass (INIT -> MISSED). Returns whether the slot is LIVE after all
-/// (its subscriber moved it INIT -> LIVE first), so the pass calls it like any LIVE slot.
+/// A pass of round `generation` found `slot` in `state`, not LIVE: returns whether it calls
+/// the subscriber.
+/// - `INIT`: tells the subscribing thread that it missed this pass (`INIT -> MISSED`), unless
+///   the subscription completed first (`INIT -> FIRST`), which is then handled as `FIRST`.
+/// - `FIRST`: not called in the round its subscriber already saw (`start_gen`); otherwise
+///   moved `FIRST -> LIVE` and called, unless an unsubscribe removed it first (the CAS
+///   fails).
+/// - any other state: not called.
 #[cold]
 #[inline(never)]
-fn missed_or_now_live(slot: &Slot, state: u8) -> bool {
-    state == INIT
-        && slot
+fn first_call_or_missed(slot: &Slot, state: u8, generation: u64) -> bool {
+    let state = if state == INIT {
+        match slot
             .state
             .compare_exchange(INIT, MISSED, Ordering::SeqCst, Ordering::SeqCst)
-            == Err(LIVE)
+        {
+            Ok(_) => return false,
+            Err(now) => now,
+        }
+    } else {
+        state
+    };
+    // `start_gen` was stored before the CAS that made the slot FIRST, which this thread
+    // read (SeqCst), so it is the subscriber's.
+    state == FIRST
+        && slot.start_gen.load(Ordering::Relaxed) != generation
+        && slot
+            .state
+            .compare_exchange(FIRST, LIVE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
 }
 
 /// The registry. Lives in the context handed to the OS; see the module docs.
@@ -470,6 +495,7 @@ impl<K: Kernel> Registry<K> {
                 zombie_head: NONE,
                 passive,
                 passive_closed: false,
+                passive_used: false,
             }),
         })
     }
@@ -509,6 +535,7 @@ impl<K: Kernel, const N: usize> Registry<K, Inline<K, N>> {
                 zombie_head: NONE,
                 passive: [const { None }; N],
                 passive_closed: false,
+                passive_used: false,
             }),
         }
     }
@@ -536,8 +563,8 @@ impl<K: Kernel, const N: usize> Registry<K, Inline<K, N>> {
 
 #[cfg(not(teredo_watcher_loom))]
 impl<K: Kernel, St: Store<K>> Registry<K, St> {
-    /// Unsubscribes every subscriber that is `LIVE` (a subscribe that has not finished is
-    /// left alone), reclaims the deferred ones, and drains and frees every passive
+    /// Unsubscribes every subscriber that is `FIRST` or `LIVE` (a subscribe that has not
+    /// finished is left alone), reclaims the deferred ones, and drains and frees every passive
     /// subscriber; then passive subscribers may be added again. For a registry whose OS
     /// registration is cancelled, at `< DISPATCH_LEVEL` (checked by the caller), outside its
     /// callbacks.
@@ -546,7 +573,7 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
             let slot = &self.slots()[index];
             {
                 let _books = self.books.lock(operation)?;
-                if slot.state.load(Ordering::SeqCst) != LIVE {
+                if !matches!(slot.state.load(Ordering::SeqCst), FIRST | LIVE) {
                     continue;
                 }
                 let tag = slot.tag.load(Ordering::Relaxed);
@@ -569,6 +596,7 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
                 let entry = books.passive.as_mut().iter_mut().find_map(Option::take);
                 if entry.is_none() {
                     books.passive_closed = false;
+                    books.passive_used = false;
                 }
                 entry
             };
@@ -793,27 +821,20 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
         let in_use = &self.slots()[..high_water.min(self.slots().len())];
         for slot in in_use {
             let state = slot.state.load(Ordering::SeqCst);
-            // The common case, LIVE, is tested first; INIT is handled in a cold function.
-            if state != LIVE && !missed_or_now_live(slot, state) {
+            // The common case, LIVE, is one compare; the others are in a cold function.
+            if state != LIVE && !first_call_or_missed(slot, state, generation) {
                 continue;
-            }
-            let start = slot.start_gen.load(Ordering::Relaxed);
-            if start == generation {
-                // The subscriber saw this round's state when it subscribed.
-                continue;
-            }
-            if start != DELIVER_ALL {
-                slot.start_gen.store(DELIVER_ALL, Ordering::Relaxed);
             }
             if self.silenced.load(Ordering::SeqCst) {
                 return;
             }
             slot.callback.with_mut(|cb| {
-                // SAFETY: the slot is LIVE, so by the `Slot` invariant only this pass
-                // touches the callback; rounds do not overlap (the ACTIVE bit), and an
-                // unsubscriber waits for this round to end before reclaiming it.
+                // SAFETY: the slot was LIVE (or made LIVE by this pass), so by the `Slot`
+                // invariant only this pass touches the callback; rounds do not overlap (the
+                // ACTIVE bit), and an unsubscriber waits for this round to end before
+                // reclaiming it.
                 if let Some(cb) = unsafe { &mut *cb } {
-                    cb.call(event);
+                    cb.call(&event);
                 }
             });
         }
@@ -909,13 +930,13 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
                 slot.callback.with_mut(|cb| {
                     // SAFETY: the slot is INIT or MISSED: only this thread touches it.
                     if let Some(cb) = unsafe { &mut *cb } {
-                        cb.call(event);
+                        cb.call(&event);
                     }
                 });
             }
             match slot
                 .state
-                .compare_exchange(INIT, LIVE, Ordering::SeqCst, Ordering::SeqCst)
+                .compare_exchange(INIT, FIRST, Ordering::SeqCst, Ordering::SeqCst)
             {
                 Ok(_) => break,
                 Err(_missed) => slot.state.store(INIT, Ordering::SeqCst),
@@ -956,7 +977,7 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
         {
             let mut books = self.books.lock("TeredoPortWatcher::unsubscribe")?;
             if slot.tag.load(Ordering::Relaxed) != id.tag
-                || slot.state.load(Ordering::SeqCst) != LIVE
+                || !matches!(slot.state.load(Ordering::SeqCst), FIRST | LIVE)
             {
                 return Err(Error::UnknownSubscriber);
             }
@@ -1057,6 +1078,7 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
             if books.passive_closed {
                 Err(Error::HandleTableClosed)
             } else if let Some(i) = books.passive.as_ref().iter().position(Option::is_none) {
+                books.passive_used = true;
                 books.passive.as_mut()[i] = Some(PassiveEntry {
                     membership: Membership::Subscribing,
                     core: listed,
@@ -1102,6 +1124,9 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
         let may_wait = !inside && K::current_irql() < crate::Irql::DISPATCH_LEVEL;
         let waiter = {
             let mut books = self.books.lock(OP)?;
+            if !books.passive_used {
+                return Ok(());
+            }
             let Some(entry) = books
                 .passive
                 .as_mut()

@@ -88,12 +88,19 @@ pub struct DirectSource {
 
 impl DirectSource {
     /// A source whose `GetTeredoPort` answers `port`.
+    /// A client running on `port`, no registration; a `const fn`, so a
+    /// `StaticTeredoWatcher` over it can be a real `static`.
     #[must_use]
-    pub fn new(port: u16) -> Self {
+    pub const fn new(port: u16) -> Self {
         DirectSource {
             state: Mutex::new(State {
+                registered: None,
+                initial: DirectInitial::CallerThread,
+                initial_pending: false,
                 running: Some(port),
-                ..State::default()
+                query_ports: VecDeque::new(),
+                null_handles: 0,
+                failing_cancels: 0,
             }),
             delivering: Mutex::new(()),
         }
