@@ -11,7 +11,9 @@
 //!
 //! Each provides the global allocator, the panic handler, the driver's two statics over the
 //! real netio (its handle table and its state slot), the exported `DriverEntry` and the
-//! `DriverUnload` routine, which call `teredo_monitor_logic::driver`.
+//! `DriverUnload` routine, which call `teredo_monitor_logic::driver`. Both take the filter
+//! engine from [`firewall`] below: `fwpkclnt.sys` with the feature `firewall` (a default
+//! of the `wdk` build), none without it.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -31,3 +33,40 @@ mod wdk;
 
 #[cfg(feature = "kernel-shim")]
 mod shim;
+
+/// The filter engine of this build: `fwpkclnt.sys` (feature `firewall`), or none.
+#[cfg(feature = "firewall")]
+type Engine = teredo_monitor_logic::firewall::wfp::WfpEngine;
+/// The filter engine of this build: `fwpkclnt.sys` (feature `firewall`), or none.
+#[cfg(not(feature = "firewall"))]
+type Engine = teredo_monitor_logic::firewall::NoFilterEngine;
+
+/// The firewall `DriverEntry` installs: the kernel's filter engine, with the work items of
+/// its `PASSIVE_LEVEL` subscriber made on `driver_object`; `None` without the feature
+/// `firewall` (or for a null object).
+///
+/// # Safety
+///
+/// `driver_object` is this driver's `DRIVER_OBJECT`, as `DriverEntry` receives it: the I/O
+/// manager keeps it until after `DriverUnload` returned, so it outlives every watcher of the
+/// driver (what `IoObject::from_raw` requires).
+#[cfg(any(feature = "wdk", feature = "kernel-shim"))]
+unsafe fn firewall(
+    driver_object: *mut core::ffi::c_void,
+) -> Option<teredo_monitor_logic::driver::Firewall<Engine>> {
+    #[cfg(feature = "firewall")]
+    {
+        // SAFETY: the caller passes this driver's object, which outlives every watcher
+        // (this function's contract).
+        let io_object = unsafe { teredo_watcher::IoObject::from_raw(driver_object) }?;
+        Some(teredo_monitor_logic::driver::Firewall {
+            engine: teredo_monitor_logic::firewall::wfp::WfpEngine,
+            io_object,
+        })
+    }
+    #[cfg(not(feature = "firewall"))]
+    {
+        let _ = driver_object;
+        None
+    }
+}

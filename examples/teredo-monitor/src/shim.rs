@@ -13,8 +13,8 @@
 //! | `wdk_sys::DRIVER_OBJECT` | [`DriverObject`]: only the `DriverUnload` field (offset `0x68`) |
 //!
 //! The entry points call the same `teredo_monitor_logic::driver` functions as `wdk.rs`. Every import is
-//! `raw-dylib` from `ntoskrnl.exe` (the library adds `netio.sys`), so no import library is
-//! needed. The linker settings live in the harness's build step, never in this crate.
+//! `raw-dylib` from `ntoskrnl.exe` (the library adds `netio.sys`; with the feature
+//! `firewall` the logic crate adds `fwpkclnt.sys`), so no import library is needed. The linker settings live in the harness's build step, never in this crate.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::{c_char, c_void};
@@ -22,9 +22,8 @@ use core::ffi::{c_char, c_void};
 use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 
-use teredo_monitor_logic::driver::{self, DriverConfig, Firewall, TeredoMonitor};
+use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
 use teredo_monitor_logic::exceptions::AppliedExceptions;
-use teredo_monitor_logic::firewall::NoFilterEngine;
 use teredo_monitor_logic::log::{Line, LogText as _};
 use teredo_monitor_logic::platform::log;
 use teredo_monitor_logic::slot::DriverSlot;
@@ -194,12 +193,15 @@ pub unsafe extern "system" fn driver_entry(
     driver: *mut DriverObject,
     _registry_path: *const c_void,
 ) -> i32 {
+    // SAFETY: `driver` is the driver object `DriverEntry` was called with (this function's
+    // contract), which the I/O manager keeps until after `DriverUnload`.
+    let firewall = unsafe { crate::firewall(driver.cast()) };
     let status = driver::driver_entry(
         &TABLE,
         &DRIVER,
         &PUBLISHED,
         DriverConfig::default(),
-        None::<Firewall<NoFilterEngine>>,
+        firewall,
     );
     if status.is_success() {
         // SAFETY: `driver` is valid for writes and exclusively ours during this call (this

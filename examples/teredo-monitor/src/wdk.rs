@@ -10,9 +10,8 @@ use teredo_watcher::HandleTable;
 use teredo_watcher::nt::NetioPortSource;
 use wdk_sys::{DRIVER_OBJECT, NTSTATUS, PCUNICODE_STRING};
 
-use teredo_monitor_logic::driver::{self, DriverConfig, Firewall, TeredoMonitor};
+use teredo_monitor_logic::driver::{self, DriverConfig, TeredoMonitor};
 use teredo_monitor_logic::exceptions::AppliedExceptions;
-use teredo_monitor_logic::firewall::NoFilterEngine;
 use teredo_monitor_logic::log::{Line, LogText as _};
 use teredo_monitor_logic::platform::log;
 use teredo_monitor_logic::slot::DriverSlot;
@@ -55,12 +54,15 @@ pub unsafe extern "system" fn driver_entry(
     driver: &mut DRIVER_OBJECT,
     _registry_path: PCUNICODE_STRING,
 ) -> NTSTATUS {
+    // SAFETY: `driver` is the driver object `DriverEntry` was called with (this function's
+    // contract), which the I/O manager keeps until after `DriverUnload`.
+    let firewall = unsafe { crate::firewall(core::ptr::from_mut(driver).cast()) };
     let status = driver::driver_entry(
         &TABLE,
         &DRIVER,
         &PUBLISHED,
         DriverConfig::default(),
-        None::<Firewall<NoFilterEngine>>,
+        firewall,
     );
     if status.is_success() {
         driver.DriverUnload = Some(driver_unload);

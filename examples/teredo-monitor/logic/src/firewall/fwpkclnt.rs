@@ -10,6 +10,14 @@
 //! `raw-dylib` with `+verbatim`, as the library imports `netio.sys`: no import library is
 //! needed, in the WDK flow or with rust-lld for the harness. Every function returns an
 //! `NTSTATUS` and requires `PASSIVE_LEVEL` (Microsoft's documentation of each).
+//!
+//! # Safety
+//!
+//! Every function here is called only by `wfp.rs`, and each call must meet: the caller
+//! runs at `PASSIVE_LEVEL`; `engine_handle` is a handle `FwpmEngineOpen0` returned and
+//! `FwpmEngineClose0` has not closed; every input pointer is valid (with everything it
+//! points to) for the duration of the call; every output pointer is valid for a write of
+//! its type. The engine keeps no pointer after it returns.
 
 use core::ffi::c_void;
 

@@ -261,8 +261,14 @@ impl<E: FilterEngine> FirewallManager<E> {
                 Port(*from),
                 " -> ",
                 Port(*to),
-                " committed (the new filters added before the old ones were deleted, one \
-                 transaction)"
+                match (from, to) {
+                    (Some(_), Some(_)) => {
+                        " committed (the new filters added before the old ones were deleted, \
+                         one transaction)"
+                    }
+                    (None, _) => " committed (its filters added, one transaction)",
+                    (_, None) => " committed (the old filters deleted, one transaction)",
+                }
             ),
             Err(error) => {
                 self.failed_changes = self.failed_changes.saturating_add(1);
