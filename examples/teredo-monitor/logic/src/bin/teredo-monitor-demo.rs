@@ -170,10 +170,20 @@ fn check_firewall(
     }
     expect(to(3544), Verdict::Block);
     println!(
-        "[firewall] committed {} filters; dynamic port {}; our sublayer: current permitted, \
-         previous and unicast 3544 blocked",
+        "[firewall] committed {} filters; dynamic port {}; our sublayer: {}{}unicast to 3544 \
+         blocked",
         engine.committed_filters().len(),
-        port.map_or_else(|| "none".to_owned(), |p| p.to_string())
+        port.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+        if port.is_some() {
+            "its traffic permitted, "
+        } else {
+            ""
+        },
+        if previous.is_some_and(|p| Some(p) != port) {
+            "the previous port's blocked, "
+        } else {
+            ""
+        }
     );
 }
 

@@ -10,9 +10,9 @@
 //! | [`filters`] | the filter design as data: session, provider, sublayer, layers, conditions, [`FilterSpec`]s from the library's rules |
 //! | `abi` | those specs as `FWPM_SESSION0`, `FWPM_PROVIDER0`, `FWPM_SUBLAYER0`, `FWPM_FILTER0` (`windows-sys`) |
 //! | `fwpkclnt` | the kernel functions, declared against `fwpkclnt.sys` (Windows targets) |
-//! | `wfp` | [`WfpEngine`](wfp::WfpEngine): the trait over those functions (Windows targets) |
+//! | `wfp` | `WfpEngine`: the trait over those functions (Windows targets) |
 //! | [`manager`] | [`FirewallManager`]: install, follow the port, remove |
-//! | `mock` | [`MockFilterEngine`](mock::MockFilterEngine) (feature `host-mock`) |
+//! | `mock` | `MockFilterEngine` (feature `host-mock`) |
 //!
 //! # The filters
 //!
