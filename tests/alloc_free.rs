@@ -275,9 +275,11 @@ fn count_call(_: TeredoEvent) {
 fn the_static_watcher_allocates_nothing_to_start_deliver_and_stop() {
     // The `static` a driver declares; leaked here (and freed at the end) because the direct
     // source is built at run time.
-    let watcher: &'static StaticTeredoWatcher<DirectSource, 4> = Box::leak(Box::new(
-        StaticTeredoWatcher::new(DirectSource::new(49_152)),
-    ));
+    let raw = Box::into_raw(Box::new(StaticTeredoWatcher::<DirectSource, 4>::new(
+        DirectSource::new(49_152),
+    )));
+    // SAFETY: `raw` is a live box, freed only at the end, after the last use of `watcher`.
+    let watcher: &'static StaticTeredoWatcher<DirectSource, 4> = unsafe { &*raw };
     let before = ZST_CALLS.load(Ordering::Relaxed);
     let ((), allocated) = allocated_by(|| {
         watcher.subscribe(count_call).expect("subscribe");
@@ -299,6 +301,7 @@ fn the_static_watcher_allocates_nothing_to_start_deliver_and_stop() {
     let calls = ZST_CALLS.load(Ordering::Relaxed) - before;
     assert_eq!(calls, 12, "the subscriber's calls");
     assert!(!watcher.source().is_registered());
-    // SAFETY: leaked above and stopped (netio holds nothing); not used again.
-    drop(unsafe { Box::from_raw(std::ptr::from_ref(watcher).cast_mut()) });
+    // SAFETY: `raw` came from `Box::into_raw` above; the watcher is stopped (netio holds
+    // nothing) and `watcher` is not used again.
+    drop(unsafe { Box::from_raw(raw) });
 }

@@ -109,23 +109,39 @@ pub fn run_all<N: Netio>() {
     }
 }
 
-/// A `StaticTeredoWatcher` over `netio` with `'static` lifetime (as a driver's `static`).
-/// Give it back to [`free_static`] once stopped.
+/// A `StaticTeredoWatcher` on the heap, used as a driver uses its `static`:
+/// [`Leaked::get`] gives the `'static` reference, and the drop frees it.
+///
+/// # Invariants
+///
+/// The pointer is from `Box::into_raw` and is freed only by the drop.
 #[cfg(not(teredo_watcher_loom))]
-fn leak_static<N: Netio>(netio: N) -> &'static StaticTeredoWatcher<N, 2> {
-    Box::leak(Box::new(StaticTeredoWatcher::new(netio)))
+struct Leaked<N: Netio>(*mut StaticTeredoWatcher<N, 2>);
+
+#[cfg(not(teredo_watcher_loom))]
+impl<N: Netio> Leaked<N> {
+    fn new(watcher: StaticTeredoWatcher<N, 2>) -> Self {
+        Leaked(Box::into_raw(Box::new(watcher)))
+    }
+
+    /// The watcher, as a `static` would be.
+    ///
+    /// # Safety
+    ///
+    /// The reference is not used after `self` is dropped, and the watcher is stopped before.
+    unsafe fn get(&self) -> &'static StaticTeredoWatcher<N, 2> {
+        // SAFETY: a live box (type invariant); the caller does not outlive it.
+        unsafe { &*self.0 }
+    }
 }
 
-/// Frees a watcher from [`leak_static`].
-///
-/// # Safety
-///
-/// `watcher` came from `leak_static`, was stopped successfully (so netio holds no reference
-/// to it and none of its callbacks runs), and is not used afterwards.
 #[cfg(not(teredo_watcher_loom))]
-unsafe fn free_static<N: Netio>(watcher: &'static StaticTeredoWatcher<N, 2>) {
-    // SAFETY: the caller's contract: the box from `leak_static`, no reference left.
-    drop(unsafe { Box::from_raw(core::ptr::from_ref(watcher).cast_mut()) });
+impl<N: Netio> Drop for Leaked<N> {
+    fn drop(&mut self) {
+        // SAFETY: from `Box::into_raw` (type invariant), freed once, here; the callers stop
+        // the watcher first (netio holds no reference to it) and do not use it afterwards.
+        drop(unsafe { Box::from_raw(self.0) });
+    }
 }
 
 /// The static form in each order: subscribers added before `start` see the initial
@@ -137,7 +153,9 @@ pub fn the_static_watcher_learns_a_running_client_in_each_order<N: Netio>() {
         let netio = N::fresh();
         netio.set_order(order);
         netio.set_running(Some(50_031));
-        let watcher = leak_static(netio);
+        let leaked = Leaked::new(StaticTeredoWatcher::new(netio));
+        // SAFETY: used only in this iteration; stopped below, before `leaked` drops.
+        let watcher = unsafe { leaked.get() };
         let recorder = Recorder::default();
         watcher.subscribe(recorder.subscriber()).expect("subscribe");
         let report = watcher.start().expect("start");
@@ -173,8 +191,7 @@ pub fn the_static_watcher_learns_a_running_client_in_each_order<N: Netio>() {
             1,
             "{order:?}: stop dropped the subscriber"
         );
-        // SAFETY: from `leak_static`, stopped, not used again.
-        unsafe { free_static(watcher) };
+        drop(leaked);
     }
 }
 
@@ -182,8 +199,9 @@ pub fn the_static_watcher_learns_a_running_client_in_each_order<N: Netio>() {
 /// second `stop` cancels.
 #[cfg(not(teredo_watcher_loom))]
 pub fn the_static_watcher_retries_a_cancel_that_failed_after_waiting<N: Netio>() {
-    let watcher = StaticTeredoWatcher::with_options(N::fresh(), false, false);
-    let watcher: &'static StaticTeredoWatcher<N, 2> = Box::leak(Box::new(watcher));
+    let leaked = Leaked::new(StaticTeredoWatcher::with_options(N::fresh(), false, false));
+    // SAFETY: used only in this function; stopped below, before `leaked` drops.
+    let watcher = unsafe { leaked.get() };
     let recorder = Recorder::default();
     watcher.subscribe(recorder.subscriber()).expect("subscribe");
     watcher.start().expect("start");
@@ -211,8 +229,7 @@ pub fn the_static_watcher_retries_a_cancel_that_failed_after_waiting<N: Netio>()
     watcher.stop().expect("the retry cancels");
     assert_eq!(watcher.source().live(), 0);
     assert_eq!(Arc::strong_count(&recorder.events), 1, "stop dropped it");
-    // SAFETY: leaked above, stopped, not used again.
-    unsafe { free_static(watcher) };
+    drop(leaked);
 }
 
 /// The model produces every order the documentation allows.
