@@ -3,8 +3,8 @@
 //! The Windows flow (cargo-make / `cargo wdk build` on a Windows host) gets its linker setup
 //! from `wdk-build`. None of the settings below are written to any `.cargo/config.toml`:
 //! they are passed on this one command line, with `--no-default-features --features
-//! kernel-shim` (no windows-drivers-rs crate in the graph), into a target directory of the
-//! harness's own.
+//! kernel-shim,firewall` (no windows-drivers-rs crate in the graph; the driver programs WFP
+//! through `fwpkclnt.sys`), into a target directory of the harness's own.
 //!
 //! The image depends on the sources only: the build reads them through [`BUILD_ROOT`] and
 //! remaps that path and the cargo home in file names ([`rustflags_in`]), so two clones at
@@ -193,10 +193,12 @@ pub fn cargo_args_in(root: &Path, variant: Variant) -> Vec<String> {
         TARGET,
         "--no-default-features",
         "--features",
+        // `firewall`: the driver programs WFP through fwpkclnt.sys (the example's default
+        // with wdk), so the image imports the filter engine the harness models.
         if variant == Variant::NoLog {
-            "kernel-shim,teredo-monitor-logic/no-log"
+            "kernel-shim,firewall,teredo-monitor-logic/no-log"
         } else {
-            "kernel-shim"
+            "kernel-shim,firewall"
         },
         "--config",
         &format!("target.{TARGET}.linker=\"rust-lld\""),

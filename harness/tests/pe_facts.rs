@@ -40,13 +40,34 @@ fn the_image_is_an_amd64_native_driver_entered_at_driver_entry() {
 }
 
 #[test]
-fn netio_functions_come_from_netio_sys_and_the_rest_from_ntoskrnl() {
+fn netio_functions_come_from_netio_sys_the_filter_engine_from_fwpkclnt_and_the_rest_from_ntoskrnl()
+{
     let facts = pe::facts(sys()).expect("parses");
     let modules: BTreeSet<&str> = facts.modules().into_iter().collect();
     assert_eq!(
         modules,
-        BTreeSet::from(["netio.sys", "ntoskrnl.exe"]),
-        "no iphlpapi.dll, no user-mode DLL"
+        BTreeSet::from(["fwpkclnt.sys", "netio.sys", "ntoskrnl.exe"]),
+        "no iphlpapi.dll, no fwpuclnt.dll, no user-mode DLL"
+    );
+    // The filter engine's management calls from the kernel-mode client library, each one
+    // the model binds.
+    let engine = facts.imports_of("fwpkclnt.sys");
+    for name in [
+        "FwpmEngineOpen0",
+        "FwpmEngineClose0",
+        "FwpmTransactionBegin0",
+        "FwpmTransactionCommit0",
+        "FwpmTransactionAbort0",
+        "FwpmFilterAdd0",
+        "FwpmFilterDeleteById0",
+    ] {
+        assert!(engine.contains(&name), "fwpkclnt.sys!{name} imported");
+    }
+    assert!(
+        engine
+            .iter()
+            .all(|n| teredo_harness::kernel::resolve("fwpkclnt.sys", n).is_some()),
+        "every filter-engine import is modelled: {engine:?}"
     );
     let netio: BTreeSet<&str> = facts.imports_of("netio.sys").into_iter().collect();
     assert_eq!(netio, BTreeSet::from(NETIO));

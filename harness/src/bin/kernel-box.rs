@@ -48,6 +48,10 @@ mod host {
     const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
     /// Threads replaying traffic through the committed filters.
     const REPLAYERS: usize = 2;
+    /// Traffic rounds (over all replay threads) after each commit before the next change,
+    /// and before the replay stops once quiet: the floor of traffic through every snapshot
+    /// of the changes.
+    const ROUNDS_PER_WINDOW: usize = 50;
 
     /// Whose image runs: ours (its log lines are known) or any other (only the kernel model's
     /// records are checked).
@@ -360,10 +364,9 @@ mod host {
                 let allowed = ["netio.sys", "ntoskrnl.exe", "fwpkclnt.sys"];
                 checks.check(
                     modules.iter().all(|m| has_module(&allowed, m))
-                        && has_module(&modules, "netio.sys")
-                        && has_module(&modules, "ntoskrnl.exe"),
+                        && allowed.iter().all(|m| has_module(&modules, m)),
                     format!(
-                        "imports only from netio.sys, ntoskrnl.exe and fwpkclnt.sys (no \
+                        "imports from netio.sys, ntoskrnl.exe and fwpkclnt.sys only (no \
                          iphlpapi.dll, no fwpuclnt.dll, no user-mode DLL; modules: {})",
                         modules.join(", ")
                     ),
@@ -456,7 +459,8 @@ mod host {
         let first = machine.on_cpu("client start", 0, kernel::client::start)?;
         if let Some(fw) = &fw {
             fw.traffic.notified(notified, first);
-            let committed = fw.traffic.wait_committed(first);
+            let committed =
+                fw.traffic.wait_committed(first) && fw.traffic.wait_rounds(ROUNDS_PER_WINDOW);
             checks.check(
                 committed,
                 format!(
@@ -636,6 +640,8 @@ mod host {
         stop: AtomicBool,
         /// Waits for a commit that timed out.
         commit_timeouts: AtomicUsize,
+        /// Traffic rounds completed, over all replay threads.
+        rounds: AtomicUsize,
     }
 
     impl Traffic {
@@ -647,6 +653,20 @@ mod host {
                 .push((at, port));
             let mut ports = self.ports.lock().unwrap_or_else(PoisonError::into_inner);
             *ports = (Some(port), ports.0);
+        }
+
+        /// Waits until the replay threads completed `more` rounds after now (so the
+        /// snapshot committed now carries traffic), at most [`COMMIT_TIMEOUT`].
+        fn wait_rounds(&self, more: usize) -> bool {
+            let start = Instant::now();
+            let target = self.rounds.load(Ordering::SeqCst) + more;
+            while self.rounds.load(Ordering::SeqCst) < target {
+                if start.elapsed() > COMMIT_TIMEOUT || kernel::stopped().is_some() {
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+            true
         }
 
         fn reported(&self) -> Vec<u16> {
@@ -700,6 +720,7 @@ mod host {
                                 *traffic.ports.lock().unwrap_or_else(PoisonError::into_inner);
                             firewall::replay_round(current, previous, round, &mut verdicts);
                             round += 1;
+                            traffic.rounds.fetch_add(1, Ordering::SeqCst);
                             std::thread::yield_now();
                         }
                         verdicts
@@ -721,7 +742,8 @@ mod host {
         )]
         fn finish(self, machine: &Machine, checks: &mut Checks) -> Result<(), Stop> {
             let client = kernel::client::port();
-            let quiet = client.is_some_and(|p| self.traffic.wait_committed(p));
+            let quiet = client.is_some_and(|p| self.traffic.wait_committed(p))
+                && self.traffic.wait_rounds(ROUNDS_PER_WINDOW);
             let until = Instant::now();
             self.traffic.stop.store(true, Ordering::SeqCst);
             let mut verdicts = Verdicts::default();
@@ -827,6 +849,18 @@ mod host {
             for example in &judgement.examples {
                 println!("    wrong: {example}");
             }
+            let windows = notifications.len();
+            checks.check(
+                judgement.generations > windows
+                    && verdicts.total() >= (ROUNDS_PER_WINDOW * windows) as u64,
+                format!(
+                    "traffic through every committed port: {} classifications through {} \
+                     snapshots ({windows} ports committed; floor: {ROUNDS_PER_WINDOW} rounds \
+                     after each commit, more than {windows} snapshots)",
+                    verdicts.total(),
+                    judgement.generations
+                ),
+            );
             checks.check(
                 judgement.wrong == 0 && judgement.permitted > 0 && judgement.blocked > 0,
                 format!(
@@ -1022,7 +1056,9 @@ mod host {
                             // The driver's work item commits the new exception; the next
                             // change waits for it, so each change's lag is measured alone.
                             traffic.notified(notified, port);
-                            traffic.wait_committed(port);
+                            if traffic.wait_committed(port) {
+                                traffic.wait_rounds(ROUNDS_PER_WINDOW);
+                            }
                         }
                         shake.done.fetch_add(1, Ordering::SeqCst);
                     }
