@@ -3,8 +3,10 @@
 //! The driver registers for Teredo port changes when it loads (with the initial
 //! notification), keeps the firewall exception set for Teredo current (the dynamic service
 //! port when known, static UDP 3544, multicast group 224.0.0.253), logs every notification
-//! with the IRQL it arrived at, and at unload cancels its registration and tears the handle
-//! table down so that nothing can call into the unloaded image.
+//! with the IRQL it arrived at, and, given a filter engine, programs WFP filters for
+//! Microsoft's Teredo exceptions that follow the port from a `PASSIVE_LEVEL` work item. At
+//! unload it stops that work item, removes the filters, cancels its registration and tears
+//! the handle table down so that nothing can call into the unloaded image.
 //!
 //! This crate is that behaviour, apart from the driver image (`teredo-monitor`, a `cdylib`
 //! only, in the directory above), so that the host demo and the tests link the very same
@@ -15,6 +17,9 @@
 //!   [`PortSource`](teredo_watcher::PortSource). It logs only through `log!`.
 //! - [`exceptions`], [`status`], [`slot`]: the exception set, the NTSTATUS mapping, the
 //!   driver's one owned place for its state.
+//! - [`firewall`]: the filter engine as a trait (`fwpkclnt.sys` on Windows targets, a mock
+//!   with `host-mock`), transactions that abort on drop, the filter design built from the
+//!   library's exception rules, and the manager that installs, follows the port and removes.
 //! - [`log`]: `log!` and the [`Line`](log::Line) it renders into without `core::fmt`.
 //! - [`platform`]: the target of `log!`, chosen by feature (below).
 //! - `host` (feature `host-mock`): the host platform for the demo
