@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use std::vec::Vec;
 
 use teredo_watcher::mock::{MockNetio, work_items_initialized_on, work_items_run_on};
-use teredo_watcher::{HandleTable, IoObject, Irql, RuleKind};
+use teredo_watcher::{HandleTable, IoObject, Irql, RuleKind, TeredoPort};
 
 use crate::driver::{self, DriverConfig, Firewall, TeredoMonitor, UnloadReport};
 use crate::exceptions::AppliedExceptions;
@@ -157,6 +157,11 @@ fn entry_commits_the_exception_set_the_blocks_and_the_running_clients_port() {
     });
     f.until_committed(Some(port));
     let committed = f.engine.committed_filters();
+    assert_eq!(
+        committed,
+        crate::firewall::tests::design(TeredoPort::new(port)),
+        "exactly the design's filters, in the order added"
+    );
     assert_eq!(committed.len(), STATIC + 2);
     assert_eq!(
         committed

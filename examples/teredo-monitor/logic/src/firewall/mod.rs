@@ -77,7 +77,7 @@ pub mod wfp;
 pub mod mock;
 
 #[cfg(all(test, feature = "host-mock"))]
-mod tests;
+pub(crate) mod tests;
 
 pub use engine::{FilterEngine, FilterId, FwpCall, FwpError, FwpErrorKind, NoFilterEngine};
 pub use filters::FilterSpec;

@@ -47,8 +47,9 @@ fn guid_eq(a: GUID, b: GUID) -> bool {
     (a.data1, a.data2, a.data3, a.data4) == (b.data1, b.data2, b.data3, b.data4)
 }
 
-/// The filters the driver commits for `port`: static permits, blocks, the port's.
-fn design(port: Option<TeredoPort>) -> Vec<FilterSpec> {
+/// The filters the driver commits for `port`: static permits, blocks, the port's, in the
+/// order it adds them.
+pub(crate) fn design(port: Option<TeredoPort>) -> Vec<FilterSpec> {
     let mut all: Vec<FilterSpec> = filters::static_rules()
         .flat_map(|r| {
             permit_filters(&r)
