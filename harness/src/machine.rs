@@ -105,6 +105,21 @@ pub struct Machine {
     _one: Exclusive,
 }
 
+impl Drop for Machine {
+    /// Waits (at most the machine's timeout) for the work items the driver still has queued
+    /// or running: their routines run in the image, which is unmapped next, and they must
+    /// not reach the model of the machine booted after this one.
+    fn drop(&mut self) {
+        let start = Instant::now();
+        while kernel::work_items_outstanding() != 0
+            && kernel::stopped().is_none()
+            && start.elapsed() < self.timeout
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// A call into the driver running on its own thread.
 pub struct Cpu<T> {
     what: String,
@@ -352,7 +367,10 @@ impl Machine {
     /// If the routine the driver stored points outside its image.
     pub fn driver_unload(&self) -> Result<bool, Stop> {
         let Some(unload) = self.driver_unload_routine() else {
-            self.image.retire();
+            // A driver whose DriverEntry failed (or that set no DriverUnload) is unloaded
+            // without a call; a work item it queued still holds the driver object, so the
+            // image stays until the routine returns, as after a DriverUnload.
+            self.after_unload()?;
             return Ok(false);
         };
         assert!(
@@ -368,6 +386,13 @@ impl Machine {
                 unsafe { std::mem::transmute::<usize, extern "win64" fn(*mut u8)>(unload) };
             unload(core::ptr::with_exposed_provenance_mut(driver_object));
         })?;
+        self.after_unload()?;
+        Ok(true)
+    }
+
+    /// Waits for the work items still outstanding, then retires the image unless the
+    /// driver holds a reference to its driver object.
+    fn after_unload(&self) -> Result<(), Stop> {
         match kernel::after_driver_unload(self.timeout) {
             kernel::AfterUnload::Unmap => self.image.retire(),
             kernel::AfterUnload::KeptMapped(_) => {}
@@ -383,7 +408,7 @@ impl Machine {
                 ));
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Retires the image if `DriverUnload` has run and the driver holds no reference to
