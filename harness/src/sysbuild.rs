@@ -77,6 +77,10 @@ pub enum Variant {
     /// `no-log` feature): what the library and the driver's code cost without it
     /// (`kernel-box --sizes`). Not run by any scenario: the driver is silent.
     NoLog,
+    /// `examples/teredo-port-monitor`: the C reference driver's job (monitor the port, log,
+    /// the classify exports) on the library's `StaticTeredoWatcher`, the image whose size is
+    /// compared with the C driver's (`kernel-box --sizes`, `tests/port_monitor.rs`).
+    PortMonitor,
 }
 
 impl Variant {
@@ -85,6 +89,34 @@ impl Variant {
             Variant::Release => "release",
             Variant::DebugAssertions => "debug-assertions",
             Variant::NoLog => "no-log",
+            Variant::PortMonitor => "port-monitor",
+        }
+    }
+
+    /// The package's manifest, relative to the repository root.
+    fn manifest(self) -> &'static str {
+        match self {
+            Variant::PortMonitor => "examples/teredo-port-monitor/Cargo.toml",
+            _ => "examples/teredo-monitor/Cargo.toml",
+        }
+    }
+
+    /// The features of the build (all with `--no-default-features`).
+    fn features(self) -> &'static str {
+        match self {
+            Variant::NoLog => "kernel-shim,firewall,teredo-monitor-logic/no-log",
+            // A single-platform crate: it has no features.
+            Variant::PortMonitor => "",
+            Variant::Release | Variant::DebugAssertions => "kernel-shim,firewall",
+        }
+    }
+
+    /// The file the link writes (the crate's name; cdylibs end in `.dll`) and the name the
+    /// harness gives the image.
+    fn image_names(self) -> (&'static str, &'static str) {
+        match self {
+            Variant::PortMonitor => ("teredo_port_monitor.dll", "teredo_port_monitor.sys"),
+            _ => ("teredo_monitor.dll", "teredo_monitor.sys"),
         }
     }
 }
@@ -176,7 +208,7 @@ pub fn rustflags_in(root: &Path) -> Vec<String> {
 /// this repository, or [`BUILD_ROOT`] pointing to one), without the program name.
 #[must_use]
 pub fn cargo_args_in(root: &Path, variant: Variant) -> Vec<String> {
-    let manifest = root.join("examples/teredo-monitor/Cargo.toml");
+    let manifest = root.join(variant.manifest());
     let rustflags = rustflags_in(root)
         .iter()
         .map(|f| toml_string(f))
@@ -192,14 +224,10 @@ pub fn cargo_args_in(root: &Path, variant: Variant) -> Vec<String> {
         "--target",
         TARGET,
         "--no-default-features",
-        "--features",
         // `firewall`: the driver programs WFP through fwpkclnt.sys (the example's default
         // with wdk), so the image imports the filter engine the harness models.
-        if variant == Variant::NoLog {
-            "kernel-shim,firewall,teredo-monitor-logic/no-log"
-        } else {
-            "kernel-shim,firewall"
-        },
+        "--features",
+        variant.features(),
         "--config",
         &format!("target.{TARGET}.linker=\"rust-lld\""),
         "--config",
@@ -251,7 +279,8 @@ pub fn build_sys() -> Result<PathBuf, String> {
 }
 
 /// Builds `variant` (each in a target directory of its own, so that switching does not
-/// rebuild) and copies the image to `<its target dir>/teredo_monitor.sys`.
+/// rebuild) and copies the image to `<its target dir>/teredo_monitor.sys` (or
+/// `teredo_port_monitor.sys` for [`Variant::PortMonitor`]).
 ///
 /// # Errors
 ///
@@ -265,7 +294,8 @@ pub fn build_variant(variant: Variant) -> Result<PathBuf, String> {
 }
 
 /// Builds `variant` from the sources at `root` into `target_dir` with the same command as
-/// [`build_variant`], and copies the image to `<target_dir>/teredo_monitor.sys`.
+/// [`build_variant`], and copies the image to `<target_dir>/teredo_monitor.sys` (or
+/// `teredo_port_monitor.sys`).
 ///
 /// # Errors
 ///
@@ -305,8 +335,9 @@ pub fn build_in(root: &Path, target_dir: &Path, variant: Variant) -> Result<Path
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    let built = target_dir.join(TARGET).join("release/teredo_monitor.dll");
-    let sys = target_dir.join("teredo_monitor.sys");
+    let (linked, image) = variant.image_names();
+    let built = target_dir.join(TARGET).join("release").join(linked);
+    let sys = target_dir.join(image);
     std::fs::copy(&built, &sys).map_err(|e| format!("copying {}: {e}", built.display()))?;
     Ok(sys)
 }
@@ -365,6 +396,22 @@ pub fn sys_image() -> Result<&'static [u8], String> {
     IMAGE
         .get_or_init(|| {
             let path = build_sys()?;
+            std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+        })
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
+/// The port monitor's `.sys` ([`Variant::PortMonitor`]), built once per process.
+///
+/// # Errors
+///
+/// As [`build_variant`]; the same error is returned to every caller.
+pub fn port_monitor_image() -> Result<&'static [u8], String> {
+    static IMAGE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let path = build_variant(Variant::PortMonitor)?;
             std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))
         })
         .as_deref()
