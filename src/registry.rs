@@ -428,7 +428,12 @@ pub(crate) struct Registry<K: Kernel, St: Store<K> = Heap<K>> {
     state: AtomicU64,
     deliverer: AtomicUsize,
     high_water: AtomicUsize,
-    notifications: AtomicU64,
+    /// OS invocations that claimed a round. Only the thread holding `ACTIVE` after its claim
+    /// writes it (a plain load and store: claims are ordered by the claim and release CASes),
+    /// so the pass pays no locked instruction for it.
+    claimed: AtomicU64,
+    /// OS invocations coalesced into a running round (the rare path: a locked add).
+    coalesced: AtomicU64,
     overlapping: AtomicU64,
     /// The last coalesced event (see `pending_notification`, `PENDING_SNAPSHOT`), written
     /// before the `PENDING` it comes with.
@@ -479,7 +484,8 @@ impl<K: Kernel> Registry<K> {
             state: AtomicU64::new(0),
             deliverer: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
-            notifications: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
             overlapping: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             silenced: AtomicBool::new(false),
@@ -519,7 +525,8 @@ impl<K: Kernel, const N: usize> Registry<K, Inline<K, N>> {
             state: AtomicU64::new(0),
             deliverer: AtomicUsize::new(0),
             high_water: AtomicUsize::new(0),
-            notifications: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
             overlapping: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             silenced: AtomicBool::new(false),
@@ -710,7 +717,10 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
     /// Counters; lock-free, any IRQL.
     pub(crate) fn stats(&self) -> RegistryStats {
         RegistryStats {
-            notifications: self.notifications.load(Ordering::Relaxed),
+            notifications: self
+                .claimed
+                .load(Ordering::Relaxed)
+                .saturating_add(self.coalesced.load(Ordering::Relaxed)),
             overlapping: self.overlapping.load(Ordering::Relaxed),
             subscribers: self.live.load(Ordering::Relaxed),
             capacity: self.slots().len(),
@@ -720,7 +730,6 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
     /// One OS notification: the pass. Runs on the OS thread; no allocation, no wait, and no
     /// lock unless a waiter is to be woken.
     pub(crate) fn deliver(&self, port: u16, raw_type: i32) {
-        self.notifications.fetch_add(1, Ordering::Relaxed);
         let mut current = self.state.load(Ordering::Relaxed);
         let (claimed, event) = loop {
             let event = TeredoEvent::from_raw(port, raw_type, port_of(current));
@@ -747,12 +756,20 @@ impl<K: Kernel, St: Store<K>> Registry<K, St> {
                 Ordering::Relaxed,
             ) {
                 Ok(_) if overlapping => {
+                    self.coalesced.fetch_add(1, Ordering::Relaxed);
                     if current & LOCAL == 0 {
                         self.overlapping.fetch_add(1, Ordering::Relaxed);
                     }
                     return;
                 }
-                Ok(_) => break (next, event),
+                Ok(_) => {
+                    // This thread holds ACTIVE: no other thread writes `claimed` until it
+                    // is released (see the field).
+                    let claimed = self.claimed.load(Ordering::Relaxed);
+                    self.claimed
+                        .store(claimed.saturating_add(1), Ordering::Relaxed);
+                    break (next, event);
+                }
                 Err(now) => current = now,
             }
         };
