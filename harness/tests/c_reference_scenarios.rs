@@ -15,12 +15,13 @@
 //! `harness/build.rs`); CI installs it and requires it.
 #![cfg(all(target_arch = "x86_64", unix))]
 
+mod foreign;
+
+use foreign::{ORDERS, STATUS_SUCCESS, STATUS_UNSUCCESSFUL, classify, ok, output, unload_clean};
 use teredo_harness::kernel::{self, InitialDelivery, NetioCall};
 use teredo_harness::{Machine, Stop, pe, sysbuild};
 use teredo_watcher::sys::DOCUMENTED_STATUS_CODES;
 
-const STATUS_SUCCESS: i32 = 0;
-const STATUS_UNSUCCESSFUL: i32 = 0xC000_0001_u32.cast_signed();
 const STATUS_INSUFFICIENT_RESOURCES: i32 = 0xC000_009A_u32.cast_signed();
 /// The driver's pool tag, `'TRef'` in a pool dump.
 const TAG: u32 = u32::from_le_bytes(*b"TRef");
@@ -35,33 +36,6 @@ fn image() -> &'static [u8] {
 fn boot() -> Machine {
     Machine::boot(image(), false)
         .unwrap_or_else(|e| panic!("the C reference driver must load: {e}"))
-}
-
-fn output() -> String {
-    kernel::debugger_output().join("\n")
-}
-
-/// Fails the test with the stop and the debugger output so far.
-fn ok<T>(result: Result<T, Stop>) -> T {
-    result.unwrap_or_else(|stop| panic!("{stop}\n--- debugger output ---\n{}", output()))
-}
-
-/// The driver's classify export, called at `DISPATCH_LEVEL`.
-fn classify(machine: &Machine) -> u32 {
-    // SAFETY: `TeredoMonitorClassifyPort` is `ULONG NTAPI (VOID)` in teredo_reference.c,
-    // callable at <= DISPATCH_LEVEL while the driver is loaded (it is: unload comes later).
-    ok(unsafe { machine.call_export_u32("TeredoMonitorClassifyPort", kernel::DISPATCH_LEVEL) })
-}
-
-/// Unloads and checks what a clean unload leaves: nothing registered, pool balanced, no
-/// stop.
-fn unload_clean(machine: &Machine) {
-    assert!(ok(machine.driver_unload()), "DriverEntry set DriverUnload");
-    let netio = kernel::netio_stats();
-    assert!(netio.live.is_empty(), "registrations left: {netio:?}");
-    let pool = kernel::pool_stats();
-    assert!(pool.balanced(), "pool after unload: {pool:?}\n{}", output());
-    assert_eq!(kernel::stopped(), None);
 }
 
 #[test]
@@ -152,44 +126,13 @@ fn the_seed_comes_from_get_teredo_port_when_the_client_already_runs() {
     unload_clean(&machine);
 }
 
-/// What the C driver returns for a failed `NotifyTeredoPortChange`: an `NTSTATUS` error as
-/// it is, `STATUS_UNSUCCESSFUL` for the Win32 codes the documentation mixes in.
-fn expected_entry_status(netio_status: i32) -> i32 {
-    if netio_status < 0 {
-        netio_status
-    } else {
-        STATUS_UNSUCCESSFUL
-    }
-}
-
 #[test]
 #[cfg_attr(
     not(teredo_harness_mingw),
     ignore = "needs x86_64-w64-mingw32-gcc (apt-get install gcc-mingw-w64-x86-64)"
 )]
 fn driver_entry_fails_on_each_documented_status_and_leaves_nothing() {
-    let mut failures = 0;
-    for (name, status) in DOCUMENTED_STATUS_CODES {
-        if status == STATUS_SUCCESS {
-            continue;
-        }
-        let machine = boot();
-        kernel::fail_next(NetioCall::Notify, status);
-        let returned = ok(machine.driver_entry());
-        assert_eq!(
-            returned,
-            expected_entry_status(status),
-            "{name}: DriverEntry returned {returned:#x}\n{}",
-            output()
-        );
-        assert_eq!(machine.driver_unload_routine(), None, "{name}");
-        let netio = kernel::netio_stats();
-        assert!(netio.live.is_empty(), "{name}: {netio:?}");
-        assert!(kernel::pool_stats().balanced(), "{name}: pool leaked");
-        assert!(output().contains("NotifyTeredoPortChange failed"), "{name}");
-        failures += 1;
-    }
-    assert_eq!(failures, DOCUMENTED_STATUS_CODES.len() - 1);
+    foreign::driver_entry_fails_on_each_documented_status(boot);
 }
 
 #[test]
@@ -244,14 +187,6 @@ fn a_cancel_from_inside_its_own_callback_is_reported_as_the_deadlock_it_is_on_wi
     // succeeds and the context is freed.
     unload_clean(&machine);
 }
-
-/// The four initial-notification orderings of the kernel model.
-const ORDERS: [InitialDelivery; 4] = [
-    InitialDelivery::CallerThread,
-    InitialDelivery::BeforeReturn,
-    InitialDelivery::AfterReturn,
-    InitialDelivery::DuringQuery,
-];
 
 /// The driver's lines that report a callback (`notification #N: ...`).
 fn notification_lines() -> Vec<String> {

@@ -5,12 +5,12 @@
 //! no pool allocation at all, and the image within 3x the C driver's.
 #![cfg(all(target_arch = "x86_64", unix))]
 
-use teredo_harness::kernel::{self, InitialDelivery, NetioCall};
-use teredo_harness::{Machine, Stop, pe, sysbuild};
-use teredo_watcher::sys::DOCUMENTED_STATUS_CODES;
+mod foreign;
 
-const STATUS_SUCCESS: i32 = 0;
-const STATUS_UNSUCCESSFUL: i32 = 0xC000_0001_u32.cast_signed();
+use foreign::{ORDERS, STATUS_SUCCESS, classify, ok, output, unload_clean};
+use teredo_harness::kernel::{self, NetioCall};
+use teredo_harness::{Machine, pe, sysbuild};
+
 const STATUS_INVALID_HANDLE: i32 = 0xC000_0008_u32.cast_signed();
 
 fn image() -> &'static [u8] {
@@ -19,22 +19,6 @@ fn image() -> &'static [u8] {
 
 fn boot() -> Machine {
     Machine::boot(image(), false).unwrap_or_else(|e| panic!("the port monitor must load: {e}"))
-}
-
-fn output() -> String {
-    kernel::debugger_output().join("\n")
-}
-
-/// Fails the test with the stop and the debugger output so far.
-fn ok<T>(result: Result<T, Stop>) -> T {
-    result.unwrap_or_else(|stop| panic!("{stop}\n--- debugger output ---\n{}", output()))
-}
-
-/// The classify export, called at `DISPATCH_LEVEL`.
-fn classify(machine: &Machine) -> u32 {
-    // SAFETY: `TeredoMonitorClassifyPort` is `extern "system" fn() -> u32` in the port
-    // monitor, callable at any IRQL while the image is mapped (it is: unload comes later).
-    ok(unsafe { machine.call_export_u32("TeredoMonitorClassifyPort", kernel::DISPATCH_LEVEL) })
 }
 
 /// The per-packet port match export, called at `DISPATCH_LEVEL`.
@@ -48,17 +32,6 @@ fn teredo_classify(machine: &Machine, local_port: u16) -> u8 {
             f(local_port)
         }),
     )
-}
-
-/// Unloads and checks what a clean unload leaves: nothing registered, no pool used at all,
-/// no stop.
-fn unload_clean(machine: &Machine) {
-    assert!(ok(machine.driver_unload()), "DriverEntry set DriverUnload");
-    let netio = kernel::netio_stats();
-    assert!(netio.live.is_empty(), "registrations left: {netio:?}");
-    let pool = kernel::pool_stats();
-    assert!(pool.balanced(), "pool after unload: {pool:?}\n{}", output());
-    assert_eq!(kernel::stopped(), None);
 }
 
 #[test]
@@ -100,14 +73,6 @@ fn the_image_is_within_three_times_the_c_drivers() {
         "the port monitor is {ours} bytes, the C driver {theirs} bytes"
     );
 }
-
-/// The four initial-notification orderings of the kernel model.
-const ORDERS: [InitialDelivery; 4] = [
-    InitialDelivery::CallerThread,
-    InitialDelivery::BeforeReturn,
-    InitialDelivery::AfterReturn,
-    InitialDelivery::DuringQuery,
-];
 
 #[test]
 fn in_every_order_it_registers_follows_the_client_allocates_nothing_and_unloads_clean() {
@@ -180,33 +145,13 @@ fn in_every_order_it_registers_follows_the_client_allocates_nothing_and_unloads_
         );
         ran += 1;
     }
-    kernel::set_initial_delivery(InitialDelivery::BeforeReturn);
+    kernel::set_initial_delivery(teredo_harness::kernel::InitialDelivery::BeforeReturn);
     assert_eq!(ran, ORDERS.len());
 }
 
 #[test]
 fn driver_entry_fails_on_each_documented_status_and_leaves_nothing() {
-    let mut failures = 0;
-    for (name, status) in DOCUMENTED_STATUS_CODES {
-        if status == STATUS_SUCCESS {
-            continue;
-        }
-        let machine = boot();
-        kernel::fail_next(NetioCall::Notify, status);
-        let returned = ok(machine.driver_entry());
-        let expected = if status < 0 {
-            status
-        } else {
-            STATUS_UNSUCCESSFUL
-        };
-        assert_eq!(returned, expected, "{name}: {returned:#x}\n{}", output());
-        assert_eq!(machine.driver_unload_routine(), None, "{name}");
-        assert!(kernel::netio_stats().live.is_empty(), "{name}");
-        assert!(kernel::pool_stats().balanced(), "{name}: pool");
-        assert!(output().contains("NotifyTeredoPortChange failed"), "{name}");
-        failures += 1;
-    }
-    assert_eq!(failures, DOCUMENTED_STATUS_CODES.len() - 1);
+    foreign::driver_entry_fails_on_each_documented_status(boot);
 }
 
 #[test]
