@@ -334,6 +334,14 @@ mod host {
             checks.0.len(),
             sys.len()
         );
+        // The firewall's verdict line (checked above), last, as the main job's result.
+        if let Some((_, line)) = checks
+            .0
+            .iter()
+            .find(|(_, what)| what.starts_with("firewall: "))
+        {
+            println!("{}", line.split(" (the oracle").next().unwrap_or(line));
+        }
         if failed == 0 {
             ExitCode::SUCCESS
         } else {
