@@ -622,8 +622,12 @@ impl Fwp {
 
 /// Makes call number `ordinal` (from 0, counted per routine since the reset) of `call`
 /// return `status` without doing its work. A failed `FwpmTransactionCommit0` ends the
-/// transaction with nothing published (the engine rolls it back); any other failed call
-/// changes nothing.
+/// transaction with nothing published (the engine rolls it back). A status that says the
+/// object is gone makes it so, since the engine cannot report that and keep the object:
+/// `FwpmTransactionAbort0` failing with `STATUS_FWP_NO_TXN_IN_PROGRESS` ends the session's
+/// transaction with nothing published, and `FwpmEngineClose0` failing with
+/// `STATUS_INVALID_HANDLE` ends the session as a close does (its transaction aborted, a
+/// dynamic session's objects deleted). Any other failed call changes nothing.
 pub fn fail_call(call: FwpCall, ordinal: u64, status: i32) {
     lock().fwp.faults.insert((call, ordinal), status);
 }
@@ -811,8 +815,10 @@ pub(crate) unsafe extern "win64" fn fwpm_engine_open0(
 
 pub(crate) extern "win64" fn fwpm_engine_close0(engine_handle: usize) -> i32 {
     const CALL: FwpCall = FwpCall::EngineClose;
-    if let Some(status) = enter(CALL) {
-        return status;
+    let injected = enter(CALL);
+    // An injected `STATUS_INVALID_HANDLE` says no such session exists: it ends as closed.
+    if injected.is_some_and(|status| status != STATUS_INVALID_HANDLE) {
+        return injected.unwrap_or(STATUS_SUCCESS);
     }
     let status = {
         let mut state = lock();
@@ -840,6 +846,11 @@ pub(crate) extern "win64" fn fwpm_engine_close0(engine_handle: usize) -> i32 {
             }
         }
     };
+    if let Some(status) = injected {
+        // `enter` recorded the injected result.
+        CHANGED.notify_all();
+        return status;
+    }
     leave(CALL, status)
 }
 
@@ -926,6 +937,22 @@ pub(crate) extern "win64" fn fwpm_transaction_commit0(engine_handle: usize) -> i
 pub(crate) extern "win64" fn fwpm_transaction_abort0(engine_handle: usize) -> i32 {
     const CALL: FwpCall = FwpCall::TransactionAbort;
     if let Some(status) = enter(CALL) {
+        if status == f::STATUS_FWP_NO_TXN_IN_PROGRESS {
+            // The status says the session has no transaction: it ends, never published.
+            let mut state = lock();
+            let fwp = &mut state.fwp;
+            if fwp
+                .sessions
+                .get_mut(&engine_handle)
+                .is_some_and(|s| s.txn.take().is_some())
+            {
+                if fwp.writer == Some(engine_handle) {
+                    fwp.writer = None;
+                }
+                fwp.stats.aborts += 1;
+            }
+            CHANGED.notify_all();
+        }
         return status;
     }
     let status = {
