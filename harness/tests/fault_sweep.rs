@@ -910,10 +910,7 @@ fn fault_sweep_on_the_sys() {
          * = undocumented code; IRQL = refused before netio with this status; fail = \
          DriverEntry's status; residue Nb/MB = N pool blocks, M bytes left by design (the \
          registration stays live); residue: session+prov+subl = a failed FwpmEngineClose0 \
-         left the driver's session open with its provider and sublayer, no filter; BUG: txn \
-         left open = the known driver bug (the failed abort's transaction stays open, the next \
-         change is refused with STATUS_FWP_TXN_IN_PROGRESS, the old port stays committed \
-         until DriverUnload)"
+         left the driver's session open with its provider and sublayer, no filter"
     );
     let engine_cells = engine.as_ref().map_or(0, engine_rows::Sweep::cells);
     let engine_summary = engine.as_ref().map_or_else(
@@ -932,13 +929,10 @@ fn fault_sweep_on_the_sys() {
             )
         },
     );
-    let known_bug = engine.as_ref().map_or(0, |e| e.known_bug);
     println!(
-        "fault sweep on the .sys: {} of {cells} cells hold, {known_bug} show the known driver \
-         bug (a failed abort leaves the transaction open and the next change is refused) \
-         (netio: {} rows x {} codes x {} IRQL columns; filter engine: {engine_summary}; \
-         sweep {:.2} s, image build {:.2} s)",
-        cells - failures.len() - known_bug,
+        "fault sweep on the .sys: {} of {cells} cells hold (netio: {} rows x {} codes x {} \
+         IRQL columns; filter engine: {engine_summary}; sweep {:.2} s, image build {:.2} s)",
+        cells - failures.len(),
         ROWS.len(),
         codes.len(),
         COLUMNS.len(),
@@ -1048,17 +1042,14 @@ fn the_model_lists_live_pool_blocks_and_netio_contexts() {
 /// fails with each of its statuses while the following `FwpmTransactionAbort0` fails with
 /// each of its own.
 ///
-/// # The known driver bug (abort cells marked `BUG`)
+/// # A failed abort
 ///
 /// Only `STATUS_SUCCESS` says "the transaction was aborted" (`FwpmTransactionAbort0`'s
 /// page), and a session has one transaction at a time ("Object Management"): after an abort
 /// that fails with another status than `STATUS_FWP_NO_TXN_IN_PROGRESS`, the transaction is
-/// still open. The driver's `Transaction` logs the failure and forgets the transaction, so
-/// every later change's begin is refused with `STATUS_FWP_TXN_IN_PROGRESS` until
-/// `DriverUnload`'s close ends it, and the old port's exception stays committed while the
-/// client runs on the new one. Those cells keep the documented expectation (the next change
-/// commits the newest port); they are counted as not holding, each where the bug predicts
-/// it, and a predicted one that holds fails the sweep, so a fix of the driver shows here.
+/// still open, and the next change's `FwpmTransactionBegin0` is refused with
+/// `STATUS_FWP_TXN_IN_PROGRESS`. The driver's transaction then aborts the stale one and
+/// begins again, so the next change commits the newest port: what every abort cell checks.
 mod engine_rows {
     use std::fmt::Write as _;
     use std::time::{Duration, Instant};
@@ -1073,16 +1064,12 @@ mod engine_rows {
 
     /// `STATUS_FWP_TXN_IN_PROGRESS`: a second `FwpmTransactionBegin0` in one session.
     const STATUS_FWP_TXN_IN_PROGRESS: i32 = 0xC022_000E_u32.cast_signed();
-    /// `STATUS_FWP_NO_TXN_IN_PROGRESS`.
-    const STATUS_FWP_NO_TXN_IN_PROGRESS: i32 = 0xC022_000D_u32.cast_signed();
 
     /// Why an abort cell does not hold.
     pub enum AbortFailure {
-        /// The known driver bug: the failed abort left the session's transaction open (the
-        /// engine said nothing was aborted), the driver forgot it, and the next change's
-        /// `FwpmTransactionBegin0` was refused with `STATUS_FWP_TXN_IN_PROGRESS`: the old
-        /// port's exception stays committed while the client runs on the new port, until
-        /// `DriverUnload`'s close ends the transaction. The text is what unload left.
+        /// The failed abort's transaction stayed open and blocked the next change (the old
+        /// port's exception stayed committed while the client ran on the new port). The
+        /// text is what unload left.
         TransactionLeftOpen(String),
         /// Anything else.
         Other(String),
@@ -1533,36 +1520,28 @@ mod engine_rows {
         let t2 = Instant::now();
         let before_next = kernel::fwp_trace().len();
         let p2 = stop(machine.on_cpu("client restart", 0, kernel::client::start))?;
-        let refused = || {
-            kernel::fwp_trace()[before_next..]
-                .contains(&(FwpCall::TransactionBegin, STATUS_FWP_TXN_IN_PROGRESS))
-        };
-        ensure(
-            settle(|| {
-                (committed_port(&[p0, p1, p2]) == (true, Some(p2)) || refused())
-                    && kernel::work_items_outstanding() == 0
-            }),
-            || {
-                format!(
-                    "the next change never committed {p2} (engine {:?})",
-                    kernel::fwp_stats()
-                )
-            },
-        )?;
-        if refused() {
+        // The stale transaction makes the next begin fail with STATUS_FWP_TXN_IN_PROGRESS;
+        // the driver must abort it and begin again, so the change commits the newest port.
+        let committed_newest = settle(|| {
+            committed_port(&[p0, p1, p2]) == (true, Some(p2))
+                && kernel::work_items_outstanding() == 0
+        });
+        if !committed_newest {
+            let refused = kernel::fwp_trace()[before_next..]
+                .contains(&(FwpCall::TransactionBegin, STATUS_FWP_TXN_IN_PROGRESS));
             let engine = kernel::fwp_stats();
-            ensure(
-                engine.open_transactions == 1 && committed_port(&[p0, p1, p2]) == (true, Some(p0)),
-                || format!("the next change was refused, the engine has {engine:?}"),
-            )?;
-            ensure(stop(machine.driver_unload())?, || "no DriverUnload".into())?;
-            ensure_clean("unload")?;
-            return Err(AbortFailure::TransactionLeftOpen(
-                "a transaction open from the failed change to the unload's close; nothing \
-                 after unload"
-                    .into(),
-            ));
+            if refused && engine.open_transactions == 1 {
+                return Err(AbortFailure::TransactionLeftOpen(format!(
+                    "the next change was refused and never committed {p2}; engine {engine:?}"
+                )));
+            }
+            return Err(AbortFailure::Other(format!(
+                "the next change never committed {p2} (engine {engine:?})"
+            )));
         }
+        ensure(kernel::fwp_stats().open_transactions == 0, || {
+            format!("a transaction is still open: {:?}", kernel::fwp_stats())
+        })?;
         let checks = firewall::commit_checks(
             &kernel::commit_history(),
             &[(t0, p0), (t1, p1), (t2, p2)],
@@ -1592,9 +1571,6 @@ mod engine_rows {
         pub rows: [usize; 3],
         /// Cells of a failed change whose abort fails too.
         pub abort_cells: usize,
-        /// Of those, the cells that show the known driver bug
-        /// ([`AbortFailure::TransactionLeftOpen`]), each where it is predicted.
-        pub known_bug: usize,
     }
 
     impl Sweep {
@@ -1686,7 +1662,6 @@ mod engine_rows {
             header.trim_end()
         );
         let mut abort_cells = 0;
-        let mut known_bug = 0;
         // A failed begin opens no transaction, so no abort follows it.
         for (index, row) in rows
             .iter()
@@ -1702,11 +1677,6 @@ mod engine_rows {
             for (name, code) in row.call.documented_failures() {
                 let mut line = format!("      {:<44}", format!("{name} {}", hex(code)));
                 for &(abort_name, abort_code) in &aborts {
-                    // The known driver bug shows exactly when the abort's status leaves the
-                    // transaction open (any but `STATUS_FWP_NO_TXN_IN_PROGRESS`) after a
-                    // failed add or delete (a failed commit has ended the transaction).
-                    let bug_expected = abort_code != STATUS_FWP_NO_TXN_IN_PROGRESS
-                        && row.call != FwpCall::TransactionCommit;
                     for callback in columns {
                         abort_cells += 1;
                         let cell = format!(
@@ -1715,28 +1685,14 @@ mod engine_rows {
                             row.call.name(),
                             short_irql(callback)
                         );
-                        let text = match (
-                            abort_cell(sys, *row, code, abort_code, callback),
-                            bug_expected,
-                        ) {
-                            (Ok(text), false) => text,
-                            (Ok(_), true) => {
-                                failures.push(format!(
-                                    "{cell}: holds, so the known driver bug no longer shows: \
-                                     expect these cells to hold"
-                                ));
-                                "holds (bug gone?)".to_owned()
-                            }
-                            (Err(AbortFailure::TransactionLeftOpen(_)), true) => {
-                                known_bug += 1;
-                                "BUG: txn left open".to_owned()
-                            }
-                            (Err(AbortFailure::TransactionLeftOpen(left)), false) => {
+                        let text = match abort_cell(sys, *row, code, abort_code, callback) {
+                            Ok(text) => text,
+                            Err(AbortFailure::TransactionLeftOpen(left)) => {
                                 failures
                                     .push(format!("{cell}: the transaction was left open: {left}"));
                                 "FAIL".to_owned()
                             }
-                            (Err(AbortFailure::Other(why)), _) => {
+                            Err(AbortFailure::Other(why)) => {
                                 failures.push(format!("{cell}: {why}"));
                                 "FAIL".to_owned()
                             }
@@ -1760,7 +1716,6 @@ mod engine_rows {
                 count_rows(Phase::Unload),
             ],
             abort_cells,
-            known_bug,
         })
     }
 }

@@ -540,6 +540,50 @@ fn a_failed_port_change_keeps_the_old_exception_and_the_next_call_retries() {
 }
 
 #[test]
+fn a_transaction_whose_abort_failed_is_aborted_by_the_next_begin() {
+    const STATUS_INSUFFICIENT_RESOURCES: i32 = 0xC000_009A_u32.cast_signed();
+    let _serial = serial();
+    let engine = MockFilterEngine::new();
+    let mut manager = FirewallManager::install(engine.clone(), port(50_000)).expect("installs");
+    // The change fails, and so does its abort: the session's transaction stays open (only
+    // a success ends it), holding every later begin.
+    engine.fail_next(FwpCall::FilterAdd, failure_statuses(FwpCall::FilterAdd)[0]);
+    engine.fail_next(FwpCall::TransactionAbort, STATUS_INSUFFICIENT_RESOURCES);
+    manager.set_port(port(50_007)).expect_err("injected");
+    assert_eq!(
+        engine.open_transactions(),
+        1,
+        "the failed abort left it open"
+    );
+    assert_eq!(dynamic_ports(&engine.committed_filters()), [50_000, 50_000]);
+    // The next begin is refused with STATUS_FWP_TXN_IN_PROGRESS; the manager's transaction
+    // aborts the stale one and begins again, once. Here that abort fails too: the change
+    // fails and the old exception stays.
+    engine.fail_next(FwpCall::TransactionAbort, STATUS_INSUFFICIENT_RESOURCES);
+    manager
+        .set_port(port(50_011))
+        .expect_err("the stale abort failed again");
+    assert_eq!(engine.open_transactions(), 1);
+    assert_eq!(dynamic_ports(&engine.committed_filters()), [50_000, 50_000]);
+    // Then the engine recovers: the next change aborts the stale transaction and commits.
+    assert!(matches!(
+        manager.set_port(port(50_013)),
+        Ok(PortChange::Replaced { to, .. }) if to == port(50_013)
+    ));
+    assert_eq!(engine.open_transactions(), 0);
+    assert_eq!(dynamic_ports(&engine.committed_filters()), [50_013, 50_013]);
+    assert!(
+        engine
+            .history()
+            .iter()
+            .all(|s| !dynamic_ports(s).is_empty()),
+        "no committed state without a dynamic-port exception"
+    );
+    drop(manager);
+    assert!(engine.committed_filters().is_empty() && engine.open_sessions() == 0);
+}
+
+#[test]
 fn a_failed_removal_still_closes_the_engine_which_drops_the_filters() {
     let _serial = serial();
     for (call, skip) in [

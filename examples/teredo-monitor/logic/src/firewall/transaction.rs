@@ -1,7 +1,10 @@
 //! [`Transaction`]: one filter-engine transaction that aborts on drop unless committed.
 
-use super::engine::{FilterEngine, FilterId, FwpError};
+use windows_sys::Win32::Foundation::STATUS_FWP_TXN_IN_PROGRESS;
+
+use super::engine::{FilterEngine, FilterId, FwpError, FwpErrorKind};
 use super::filters::{FilterSpec, ProviderSpec, SublayerSpec};
+use crate::status::NtStatus;
 
 /// An open read-write transaction on one engine handle (`FwpmTransactionBegin0`).
 ///
@@ -26,11 +29,33 @@ pub struct Transaction<'e, E: FilterEngine> {
 impl<'e, E: FilterEngine> Transaction<'e, E> {
     /// `FwpmTransactionBegin0(handle, 0)`.
     ///
+    /// A session has at most one transaction. If the engine refuses with
+    /// `STATUS_FWP_TXN_IN_PROGRESS`, an earlier transaction of this session is still open:
+    /// its abort failed (only a success status ends it), and it holds the engine's write lock
+    /// and every later begin. It carries no committed change (it was being abandoned), so it
+    /// is aborted now and the begin tried once more.
+    ///
     /// # Errors
     ///
-    /// The engine's status, or the IRQL refusal; nothing is open then.
+    /// The engine's status, or the IRQL refusal; nothing new is open then (if the abort of
+    /// the stale transaction fails, the begin's status is returned and that transaction stays
+    /// open for the next begin to retry).
     pub fn begin(engine: &'e E, handle: &'e E::Handle) -> Result<Self, FwpError> {
-        engine.transaction_begin(handle)?;
+        match engine.transaction_begin(handle) {
+            Err(error)
+                if error.kind == FwpErrorKind::Status(NtStatus(STATUS_FWP_TXN_IN_PROGRESS)) =>
+            {
+                log!("  firewall: a transaction is still open: aborting it");
+                if let Err(abort) = engine.transaction_abort(handle) {
+                    // None was open after all, or the abort failed again: the begin's own
+                    // status is the answer (the next begin retries).
+                    log!("  firewall: abort: ", abort);
+                    return Err(error);
+                }
+                engine.transaction_begin(handle)?;
+            }
+            result => result?,
+        }
         Ok(Transaction {
             engine,
             handle,
